@@ -1,0 +1,266 @@
+"""GRPO maths as pure functions: tensors in, tensors out.
+
+Shapes are in the names: B sequences (completions), T completion tokens (padded), G samples per prompt,
+N prompts (groups), V vocabulary. Every variant is one entry of a small registry so a recipe picks it
+by name (`ADVANTAGE_SCALES`, `RATIOS`, `AGGREGATIONS`) and the trainer never branches on strings.
+
+References: DeepSeekMath (GRPO), DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783),
+GSPO (arXiv 2507.18071), truncated importance sampling (Yao et al., "Your efficient RL framework
+secretly brings you off-policy RL training", 2025).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def _std_group(rewards_NG: Tensor) -> Tensor:
+    """Per-group std, unbiased (n - 1), as TRL and veRL compute it, so our advantages match theirs."""
+    return rewards_NG.std(dim=1, keepdim=True)
+
+
+def _std_none(rewards_NG: Tensor) -> Tensor:
+    """Dr. GRPO: no std scaling; dividing by std up-weights near-uniform groups (too easy / too hard)."""
+    return torch.ones_like(rewards_NG[:, :1])
+
+
+def _std_batch(rewards_NG: Tensor) -> Tensor:
+    """Std of the raw rewards over the whole batch (unbiased), as TRL's scale_rewards="batch" and the
+    "group mean, batch std" recipe of Lite PPO; every group gets the same scale so no group is blown up."""
+    return rewards_NG.std().expand(rewards_NG.shape[0], 1)
+
+
+ADVANTAGE_SCALES: dict[str, Callable[[Tensor], Tensor]] = {
+    "group": _std_group,
+    "none": _std_none,
+    "batch": _std_batch,
+}
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages, one per completion.
+
+        A_i = (r_i - mean_{j in group(i)} r_j) / (s + eps)
+
+    with s = std of the group ("group", GRPO), s = 1 ("none", Dr. GRPO), or s = std of all rewards in
+    the batch ("batch"). Stds are unbiased (divide by n - 1), matching torch.std, TRL and veRL; so a
+    group needs G >= 2. A group whose rewards are all equal gets A = 0 under every scaling.
+
+    `rewards` is flat [N * G] (groups contiguous, as the rollout produces them) or [N, G]; the result has
+    the same shape. For "batch", pass the rewards of the whole global batch (gathered across ranks).
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    rewards_NG = rewards.float().reshape(-1, group_size)
+    centred_NG = rewards_NG - rewards_NG.mean(dim=1, keepdim=True)
+    return (centred_NG / (ADVANTAGE_SCALES[scale](rewards_NG) + eps)).reshape(rewards.shape)
+
+
+def groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
+    """DAPO dynamic sampling: bool mask [N] of groups whose rewards are not all equal.
+
+    A group with equal rewards has A = 0 for every sample, so it adds no gradient, only noise in the
+    normalisers; the trainer drops it and samples more prompts.
+    """
+    rewards_NG = rewards.reshape(-1, group_size)
+    return (rewards_NG != rewards_NG[:, :1]).any(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Importance ratios
+
+
+def token_ratio(logp_BT: Tensor, old_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """PPO/GRPO per-token ratio rho_t = pi_theta(o_t) / pi_old(o_t) = exp(logp_t - old_logp_t)."""
+    return torch.exp(logp_BT - old_logp_BT)
+
+
+def sequence_ratio(logp_BT: Tensor, old_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """GSPO sequence ratio broadcast to tokens, in the paper's token-wise form (GSPO-token):
+
+        s_i   = exp( (1/|o_i|) sum_t (logp_t - old_logp_t) )
+        s_i,t = sg[s_i] * exp(logp_t - sg[logp_t])
+
+    Its value is s_i on every token of sequence i, and d s_i,t / d logp_t = s_i, so with the "grpo"
+    aggregation (mean over the sequence) the gradient is exactly GSPO's. Clip it with GSPO's own small
+    range (the paper uses eps_low = 3e-4, eps_high = 4e-4): a sequence ratio moves far less than a token's.
+    """
+    mask = mask_BT.to(logp_BT.dtype)
+    # clamp: a fully masked sequence (e.g. overlong, masked out) must give s = 1, not 0/0
+    length_B1 = mask.sum(-1, keepdim=True).clamp(min=1)
+    log_s_B1 = ((logp_BT - old_logp_BT) * mask).sum(-1, keepdim=True) / length_B1
+    return torch.exp(log_s_B1.detach() + logp_BT - logp_BT.detach())
+
+
+RATIOS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "token": token_ratio,
+    "sequence": sequence_ratio,
+}
+
+
+def tis_weights(old_logp_BT: Tensor, engine_logp_BT: Tensor, cap: float = 2.0) -> Tensor:
+    """Truncated importance sampling weights for the rollout/trainer mismatch:
+
+        w_t = min(pi_old(o_t) / pi_engine(o_t), C) = min(exp(old_logp_t - engine_logp_t), C)
+
+    The tokens were sampled by the engine (vLLM, bf16/fp8 kernels), not by pi_old as the trainer computes
+    it; w corrects for that. Capped at C to bound the variance, and detached: it is a fixed weight on
+    the sample, not something to optimise.
+    """
+    return torch.exp(old_logp_BT - engine_logp_BT).clamp(max=cap).detach()
+
+
+def k3(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimator k3 (Schulman), unbiased and always >= 0:
+
+    k3 = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 = exp(ref_logp - logp) - (ref_logp - logp) - 1
+    """
+    d = ref_logp_BT - logp_BT
+    return torch.exp(d) - d - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Aggregation: per-token losses -> one scalar. Each takes global normalisers so that gradient
+# accumulation over micro-batches sums to exactly the loss of the whole batch.
+
+
+def aggregate_grpo(
+    loss_BT: Tensor, mask_BT: Tensor, num_sequences: float, num_tokens: float, max_len: int | None
+) -> Tensor:
+    """GRPO: mean over each sequence's tokens, then over sequences.
+
+    L = (1/num_sequences) sum_i (1/|o_i|) sum_t loss_i,t
+    Long answers get less weight per token (the length bias Dr. GRPO and DAPO point out).
+    """
+    mask = mask_BT.to(loss_BT.dtype)
+    per_seq_B = (loss_BT * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq_B.sum() / num_sequences
+
+
+def aggregate_dapo(
+    loss_BT: Tensor, mask_BT: Tensor, num_sequences: float, num_tokens: float, max_len: int | None
+) -> Tensor:
+    """DAPO token-level mean: every token of the batch weighs the same.
+
+    L = (1/num_tokens) sum_i sum_t loss_i,t, num_tokens = sum_i |o_i| over the whole global batch.
+    """
+    return (loss_BT * mask_BT.to(loss_BT.dtype)).sum() / num_tokens
+
+
+def aggregate_dr_grpo(
+    loss_BT: Tensor, mask_BT: Tensor, num_sequences: float, num_tokens: float, max_len: int | None
+) -> Tensor:
+    """Dr. GRPO: a constant normaliser, so neither length nor batch composition rescales the gradient.
+
+    L = (1/(num_sequences * max_len)) sum_i sum_t loss_i,t, max_len = the generation limit (max_tokens),
+    not the padded width of this batch (that changes from batch to batch).
+    """
+    if max_len is None:
+        raise ValueError("the dr_grpo aggregation needs max_completion_len (the generation limit)")
+    return (loss_BT * mask_BT.to(loss_BT.dtype)).sum() / (num_sequences * max_len)
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, float, float, int | None], Tensor]] = {
+    "grpo": aggregate_grpo,
+    "dapo": aggregate_dapo,
+    "dr_grpo": aggregate_dr_grpo,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def _masked_mean(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    mask = mask_BT.to(x_BT.dtype)
+    return (x_BT * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(
+    logp_BT: Tensor,
+    old_logp_BT: Tensor,
+    advantages_B: Tensor,
+    mask_BT: Tensor,
+    *,
+    ref_logp_BT: Tensor | None = None,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    ratio: str = "token",
+    aggregation: str = "grpo",
+    engine_logp_BT: Tensor | None = None,
+    tis_cap: float = 2.0,
+    max_completion_len: int | None = None,
+    num_sequences: float | None = None,
+    num_tokens: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate loss with optional KL penalty and truncated importance sampling.
+
+        loss_t = -w_t * min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t
+
+    rho_t from RATIOS[ratio] ("token": PPO/GRPO, "sequence": GSPO), w_t = tis_weights(old, engine, tis_cap)
+    when engine log-probs are given (else 1; it weights the policy term only, as in TRL), k3 against the
+    reference when ref_logp_BT is given. Reduced to a scalar by AGGREGATIONS[aggregation].
+
+    logp_BT: log pi_theta of the sampled tokens (with grad); old_logp_BT: log pi_old, rollout-time
+    (detached here: pi_old is a constant of the objective; pass logp_BT.detach() when mu = 1);
+    advantages_B: one per sequence; mask_BT: 1 on completion tokens.
+    num_sequences / num_tokens: normalisers of the global batch when the batch is split in micro-batches
+    (defaults: this call's B and mask.sum()). Per micro-batch losses then add up to the full-batch loss.
+
+    Returns (loss, metrics); metrics are detached scalars, means over this call's completion tokens:
+    clip_ratio/low_mean (A < 0 and rho < 1 - eps_low), clip_ratio/high_mean (A > 0 and rho > 1 + eps_high),
+    clip_ratio/region_mean (either), kl (mean k3, when ref_logp_BT is given), tis/mean (when engine
+    log-probs are given). These are the tokens whose gradient the clip zeroes.
+    """
+    if not (logp_BT.shape == old_logp_BT.shape == mask_BT.shape and advantages_B.shape == logp_BT.shape[:1]):
+        raise ValueError(
+            f"shape mismatch: logp {tuple(logp_BT.shape)}, old_logp {tuple(old_logp_BT.shape)}, "
+            f"mask {tuple(mask_BT.shape)}, advantages {tuple(advantages_B.shape)}"
+        )
+    old_logp_BT = old_logp_BT.detach()
+    A_B1 = advantages_B.detach().to(logp_BT.dtype).unsqueeze(1)
+    rho_BT = RATIOS[ratio](logp_BT, old_logp_BT, mask_BT)
+    clipped_BT = rho_BT.clamp(1 - eps_low, 1 + eps_high)
+    # min of the two surrogates: where the clipped one is smaller its gradient is 0 (clamp saturates)
+    loss_BT = -torch.min(rho_BT * A_B1, clipped_BT * A_B1)
+
+    metrics: dict[str, Tensor] = {}
+    if engine_logp_BT is not None:
+        w_BT = tis_weights(old_logp_BT, engine_logp_BT, tis_cap)
+        loss_BT = loss_BT * w_BT
+        metrics["tis/mean"] = _masked_mean(w_BT, mask_BT)
+    if ref_logp_BT is not None:
+        kl_BT = k3(logp_BT, ref_logp_BT.detach())
+        loss_BT = loss_BT + beta * kl_BT
+        metrics["kl"] = _masked_mean(kl_BT.detach(), mask_BT)
+
+    with torch.no_grad():
+        low = (rho_BT < 1 - eps_low) & (A_B1 < 0)
+        high = (rho_BT > 1 + eps_high) & (A_B1 > 0)
+        metrics["clip_ratio/low_mean"] = _masked_mean(low.to(logp_BT.dtype), mask_BT)
+        metrics["clip_ratio/high_mean"] = _masked_mean(high.to(logp_BT.dtype), mask_BT)
+        metrics["clip_ratio/region_mean"] = _masked_mean((low | high).to(logp_BT.dtype), mask_BT)
+
+    n_seq = logp_BT.shape[0] if num_sequences is None else num_sequences
+    n_tok = mask_BT.sum().clamp(min=1) if num_tokens is None else num_tokens
+    loss = AGGREGATIONS[aggregation](loss_BT, mask_BT, n_seq, n_tok, max_completion_len)
+    return loss, metrics
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Per-position entropy of softmax(logits) over the last dim: [..., V] -> [...].
+
+    H = -sum_v p_v log p_v, from log_softmax in float32. Chunk over positions for large vocabularies.
+    """
+    # clamp: a -inf logit (masked token) has p = 0 and must add 0, not 0 * -inf = NaN
+    logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=torch.finfo(torch.float32).min)
+    return -(logp.exp() * logp).sum(-1)
