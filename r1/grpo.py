@@ -212,7 +212,8 @@ def policy_loss(
 
     logp_BT: log pi_theta of the sampled tokens (with grad); old_logp_BT: log pi_old, rollout-time
     (detached here: pi_old is a constant of the objective; pass logp_BT.detach() when mu = 1);
-    advantages_B: one per sequence; mask_BT: 1 on completion tokens.
+    advantages_B: one per sequence; mask_BT: 1 on completion tokens (pads must hold finite log-probs,
+    e.g. 0: they are multiplied by the mask, and 0 * inf is NaN).
     num_sequences / num_tokens: normalisers of the global batch when the batch is split in micro-batches
     (defaults: this call's B and mask.sum()). Per micro-batch losses then add up to the full-batch loss.
 
