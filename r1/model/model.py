@@ -1,0 +1,488 @@
+"""DeepSeek-V3 in one file (arXiv 2412.19437), numerically equal to transformers' DeepseekV3ForCausalLM.
+
+Architecture choices, top to bottom:
+- MLA attention: q = W_qb RMSNorm(W_qa h) (one q_proj when q_lora_rank is None); W_kva h -> latent c_kv
+  (kv_lora_rank) + one shared rope key k_pe; RMSNorm(c_kv) -> W_kvb -> per-head k_nope and v.
+  RoPE (with YaRN) only on the rope dims; softmax scale qk_head_dim^-0.5 * mscale^2.
+  Training/prefill expand K and V and call F.scaled_dot_product_attention. With a `LatentCache` the
+  cache holds only c_kv and k_pe and W_kvb is absorbed into the query and the output, so attention
+  runs over (kv_lora_rank + rope) features per cached token, shared by all heads.
+- MoE: fp32 sigmoid router; experts chosen by score + e_score_correction_bias, group-limited
+  (group score = sum of its top-2, masked groups filled with -inf as DeepSeek's own code does);
+  gate weights from the unbiased scores, normalised over the chosen k, times routed_scaling_factor.
+  Tokens are sorted by expert and each expert runs on its contiguous slice (torch._grouped_mm where
+  available). No token dropping. Shared experts always on; the first first_k_dense_replace layers dense.
+- Auxiliary-loss-free balancing: every MoE counts tokens per expert in the forward pass;
+  `update_router_biases` (called once per optimizer step) moves b += gamma * sign(mean - load).
+  Optional sequence-wise balance loss (alpha) is returned as `aux_loss`.
+- MTP (depth D): h'_k = Block(W_proj [RMSNorm(emb(t_{i+k})); RMSNorm(h_{k-1})]) -> shared head; the
+  modules sit at HF layer index num_hidden_layers + k with enorm / hnorm / eh_proj / shared_head.
+- Residual: standard pre-norm; hc / mhc (hyper-connections) widen the stream to n copies (r1/model/hc.py).
+Simplifications: no dropout, no KV-head grouping (MLA has num_key_value_heads == num_attention_heads).
+FP8, parallelism and checkpoint I/O live outside this file and swap modules from outside.
+
+Shape legend: B batch, T query length, S key length, D hidden, H heads, C qk_nope dim, R rope dim,
+V v dim, L kv_lora_rank, N tokens (B*T), E routed experts, K experts per token, I expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from r1.model.config import V3Config, yarn_mscale
+from r1.model.hc import HyperConnection, expand_streams, merge_streams
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # In fp32 for stability, cast back before the weight (as transformers and DeepSeek do).
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(c: V3Config) -> tuple[Tensor, float]:
+    """Inverse frequencies of the rope dims (YaRN-corrected if configured) and the cos/sin factor."""
+    dim, base = c.qk_rope_head_dim, c.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = c.rope_scaling or {}
+    if rs.get("type", rs.get("rope_type", "default")) != "yarn":
+        return inv_freq, 1.0
+    factor, orig = rs["factor"], rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * torch.log(torch.tensor(orig / (rotations * 2 * torch.pi))).item() / (2 * torch.log(
+            torch.tensor(float(base))).item())
+
+    low = max(int(torch.floor(torch.tensor(correction_dim(beta_fast)))), 0)
+    high = min(int(torch.ceil(torch.tensor(correction_dim(beta_slow)))), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # interpolate low freqs, keep high ones
+    mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    cos_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all \
+        else yarn_mscale(factor)
+    return inv_freq, cos_factor
+
+
+def softmax_scale(c: V3Config) -> float:
+    scale = c.qk_head_dim ** -0.5
+    rs = c.rope_scaling or {}
+    if rs.get("type", rs.get("rope_type", "default")) != "default" and rs.get("mscale_all_dim"):
+        scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+    return scale
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
+    """x [..., T, R]; cos/sin [B, 1, T, R/2]. DeepSeek stores rope dims as interleaved pairs; we
+    de-interleave first (as transformers does), which permutes q and k alike and so keeps q.k."""
+    if interleave:
+        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- MLA
+class LatentCache:
+    """MLA's decoding cache: per layer only c_kv [B, S, L] and k_pe [B, S, R], preallocated and grown
+    by doubling. All rows share one length (prompts are left-padded; pads are masked by the caller)."""
+
+    def __init__(self, c: V3Config, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str):
+        n = c.num_hidden_layers
+        self.ckv = [torch.zeros(batch, capacity, c.kv_lora_rank, dtype=dtype, device=device) for _ in range(n)]
+        self.kpe = [torch.zeros(batch, capacity, c.qk_rope_head_dim, dtype=dtype, device=device) for _ in range(n)]
+        self.length = 0  # tokens written, shared by all layers once a forward pass ends
+        self._pending = 0
+
+    def update(self, layer: int, ckv_BTL: Tensor, kpe_BTR: Tensor) -> tuple[Tensor, Tensor]:
+        T, start = ckv_BTL.shape[1], self.length
+        if start + T > self.ckv[layer].shape[1]:
+            grow = max(start + T, 2 * self.ckv[layer].shape[1])
+            for buf in (self.ckv, self.kpe):
+                old = buf[layer]
+                buf[layer] = torch.cat([old, old.new_zeros(old.shape[0], grow - old.shape[1], old.shape[2])], 1)
+        self.ckv[layer][:, start:start + T] = ckv_BTL
+        self.kpe[layer][:, start:start + T] = kpe_BTR
+        self._pending = T
+        return self.ckv[layer][:, :start + T], self.kpe[layer][:, :start + T]
+
+    def advance(self) -> None:
+        self.length += self._pending
+        self._pending = 0
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` (finished sequences leave the batch)."""
+        self.ckv = [t.index_select(0, rows) for t in self.ckv]
+        self.kpe = [t.index_select(0, rows) for t in self.kpe]
+
+    def nbytes(self, tokens: int | None = None) -> int:
+        """Bytes per row held for `tokens` positions (default: the written length)."""
+        t = self.length if tokens is None else tokens
+        return sum(b[0, :t].numel() * b.element_size() for b in self.ckv + self.kpe)
+
+
+class MLA(nn.Module):
+    def __init__(self, c: V3Config, layer_idx: int):
+        super().__init__()
+        self.c, self.layer_idx = c, layer_idx
+        H, D = c.num_attention_heads, c.hidden_size
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * c.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * c.v_head_dim, D, bias=c.attention_bias)
+        self.scale = softmax_scale(c)
+
+    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                cache: LatentCache | None = None) -> Tensor:
+        c = self.c
+        B, T, _ = x_BTD.shape
+        H, C, R, V, L = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        q = self.q_proj(x_BTD) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BHTX = q.view(B, T, H, C + R).transpose(1, 2)
+        q_nope_BHTC, q_pe_BHTR = q_BHTX.split([C, R], dim=-1)
+        ckv_BTL, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([L, R], dim=-1)
+        ckv_BTL = self.kv_a_layernorm(ckv_BTL)
+        cos, sin = rope
+        q_pe_BHTR = apply_rope(q_pe_BHTR, cos, sin, c.rope_interleave)
+        k_pe_BTR = apply_rope(k_pe_BTR.unsqueeze(1), cos, sin, c.rope_interleave).squeeze(1)
+        is_causal = mask is None and cache is None
+
+        if cache is None:  # training / prefill: expand the latent into per-head K and V
+            kv = self.kv_b_proj(ckv_BTL).view(B, T, H, C + V).transpose(1, 2)
+            k_nope_BHTC, v_BHTV = kv.split([C, V], dim=-1)
+            k_BHTX = torch.cat([k_nope_BHTC, k_pe_BTR.unsqueeze(1).expand(B, H, T, R)], dim=-1)
+            q_BHTX = torch.cat([q_nope_BHTC, q_pe_BHTR], dim=-1)
+            o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BHTV, attn_mask=mask, is_causal=is_causal,
+                                                    scale=self.scale)
+        else:  # decode: attend in latent space, W_kvb absorbed into the query (W_uk) and output (W_uv)
+            ckv_BSL, kpe_BSR = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
+            w_HXL = self.kv_b_proj.weight.view(H, C + V, L)
+            q_lat_BHTL = torch.einsum("bhtc,hcl->bhtl", q_nope_BHTC, w_HXL[:, :C])
+            q_BHTX = torch.cat([q_lat_BHTL, q_pe_BHTR], dim=-1)
+            k_B1SX = torch.cat([ckv_BSL, kpe_BSR], dim=-1).unsqueeze(1)
+            o_lat_BHTL = F.scaled_dot_product_attention(q_BHTX, k_B1SX, ckv_BSL.unsqueeze(1), attn_mask=mask,
+                                                        scale=self.scale, enable_gqa=True)
+            o_BHTV = torch.einsum("bhtl,hvl->bhtv", o_lat_BHTL, w_HXL[:, C:])
+        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, H * V))
+
+
+# ---------------------------------------------------------------------------------------------- MLP / MoE
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid scores in fp32; choice on score + bias within the top groups; weights from raw scores."""
+
+    def __init__(self, c: V3Config):
+        super().__init__()
+        self.c = c
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.c
+        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        choice_NE = scores_NE + self.e_score_correction_bias
+        if c.n_group > 1 and c.topk_group < c.n_group:
+            N, G = choice_NE.shape[0], c.n_group
+            group_NG = choice_NE.view(N, G, -1).topk(2, dim=-1).values.sum(-1)
+            keep_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(
+                1, group_NG.topk(c.topk_group, dim=-1).indices, True)
+            # -inf as in DeepSeek's reference code: with a negative bias a masked expert can score below 0,
+            # so transformers' old fill value 0.0 could pick it (tests/test_model.py shows the case).
+            choice_NE = choice_NE.masked_fill(~keep_NG.repeat_interleave(c.n_routed_experts // G, 1), float("-inf"))
+        idx_NK = choice_NE.topk(c.num_experts_per_tok, dim=-1).indices
+        w_NK = scores_NE.gather(1, idx_NK)
+        if c.norm_topk_prob:
+            w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
+        return w_NK * c.routed_scaling_factor, idx_NK, scores_NE
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked; input rows are pre-sorted by expert (`counts_E` rows each).
+    Checkpoint I/O maps these to HF's per-expert `experts.{j}.{gate,up,down}_proj.weight`."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    @staticmethod
+    def grouped_mm(x_NX: Tensor, w_EYX: Tensor, counts_E: Tensor) -> Tensor:
+        if hasattr(torch, "_grouped_mm") and x_NX.dtype in (torch.float32, torch.bfloat16) and x_NX.shape[0]:
+            offs = counts_E.cumsum(0).to(torch.int32)
+            return torch._grouped_mm(x_NX, w_EYX.transpose(-2, -1), offs=offs)
+        # Fallback: one matmul per expert on its contiguous slice (never per token).
+        splits = counts_E.tolist()
+        outs = [xs @ w.T for xs, w in zip(x_NX.split(splits), w_EYX, strict=True)]
+        return torch.cat(outs) if outs else x_NX.new_zeros(0, w_EYX.shape[1])
+
+    def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
+        gate, up = self.grouped_mm(x_NsD, self.gate_up_proj, counts_E).chunk(2, dim=-1)
+        return self.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E)
+
+
+class MoE(nn.Module):
+    def __init__(self, c: V3Config):
+        super().__init__()
+        self.c = c
+        self.gate = Router(c)
+        self.experts = GroupedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_experts = MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts) \
+            if c.n_shared_experts else None
+        # tokens routed to each expert since the last bias update (auxiliary-loss-free balancing)
+        self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts), persistent=False)
+
+    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, T, D = x_BTD.shape
+        K, E = self.c.num_experts_per_tok, self.c.n_routed_experts
+        x_ND = x_BTD.reshape(-1, D)
+        w_NK, idx_NK, scores_NE = self.gate(x_ND)
+        # Sort the N*K (token, expert) pairs by expert so each expert sees one contiguous slice.
+        flat_idx = idx_NK.flatten()
+        order = flat_idx.argsort(stable=True)
+        counts_E = torch.bincount(flat_idx, minlength=E)
+        token_of = order // K
+        y_sorted = self.experts(x_ND[token_of], counts_E)
+        y_sorted = y_sorted * w_NK.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+        y_ND = torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted.to(x_ND.dtype))
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        aux = x_ND.new_zeros((), dtype=torch.float32)
+        if self.training:
+            with torch.no_grad():  # padding tokens do not count toward the load
+                v = valid_BT.reshape(-1, 1).expand(-1, K).flatten() if valid_BT is not None else None
+                self.tokens_per_expert += torch.bincount(flat_idx, weights=v.float() if v is not None else None,
+                                                         minlength=E)
+            if self.c.seq_aux_loss_alpha > 0:
+                aux = self.seq_aux_loss(scores_NE.view(B, T, E), idx_NK.view(B, T, K), valid_BT)
+        return y_ND.view(B, T, D), aux
+
+    def seq_aux_loss(self, scores_BTE: Tensor, idx_BTK: Tensor, valid_BT: Tensor | None) -> Tensor:
+        """V3's sequence-wise balance loss: alpha * sum_i f_i P_i per sequence, averaged over sequences,
+        f_i = E / (K T) * #tokens choosing i, P_i = mean_t of the normalised scores s_i / sum_j s_j."""
+        B, T, E = scores_BTE.shape
+        K = idx_BTK.shape[-1]
+        v_BT = torch.ones(B, T, device=scores_BTE.device) if valid_BT is None else valid_BT.float()
+        n_B = v_BT.sum(1).clamp(min=1)
+        chosen_BTE = torch.zeros_like(scores_BTE).scatter_(2, idx_BTK, 1.0) * v_BT.unsqueeze(-1)
+        f_BE = chosen_BTE.sum(1) * E / (K * n_B.unsqueeze(-1))
+        p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True) * v_BT.unsqueeze(-1)).sum(1) / n_B.unsqueeze(-1)
+        return self.c.seq_aux_loss_alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    def __init__(self, c: V3Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(c, layer_idx)
+        self.mlp = MoE(c) if layer_idx >= c.first_k_dense_replace else MLP(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if c.residual != "standard":
+            self.attn_hc = HyperConnection(c, 2 * layer_idx)
+            self.mlp_hc = HyperConnection(c, 2 * layer_idx + 1)
+
+    def _attn(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+              cache: LatentCache | None) -> tuple[Tensor, Tensor]:
+        return self.self_attn(self.input_layernorm(x), rope, mask, cache), x.new_zeros((), dtype=torch.float32)
+
+    def _mlp(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        if isinstance(self.mlp, MoE):
+            return self.mlp(self.post_attention_layernorm(x), valid)
+        return self.mlp(self.post_attention_layernorm(x)), x.new_zeros((), dtype=torch.float32)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                cache: LatentCache | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x is x_BTD, or x_BTnD (n residual streams) with hyper-connections. Returns (x, aux loss)."""
+        if not hasattr(self, "attn_hc"):
+            x = x + self._attn(x, rope, mask, cache)[0]
+            y, aux = self._mlp(x, valid)
+            return x + y, aux
+        x, _ = self.attn_hc(x, lambda h: self._attn(h, rope, mask, cache))
+        return self.mlp_hc(x, lambda h: self._mlp(h, valid))
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth: HF names enorm, hnorm, eh_proj, the block, shared_head.norm."""
+
+    def __init__(self, c: V3Config, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
+        self.block = Block(c.replace(residual="standard"), layer_idx)
+        self.shared_head_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+@dataclass
+class V3Output:
+    hidden: Tensor  # [B, T, D], after the final norm; logits = model.lm_head(hidden)
+    aux_loss: Tensor  # sequence-wise balance loss summed over MoE layers (0 when off or in eval)
+    mtp_hidden: list[Tensor]  # per MTP depth k: [B, T-k, D] normed states predicting t_{i+k+1}
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class V3ForCausalLM(nn.Module):
+    def __init__(self, c: V3Config):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([Block(c, i) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList([MTPModule(c, c.num_hidden_layers + k) for k in range(c.num_nextn_predict_layers)])
+        inv_freq, self.rope_factor = rope_inv_freq(c)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=std)
+            elif name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+        for m in self.modules():
+            if isinstance(m, HyperConnection):
+                m.reset_parameters()
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def rope(self, position_ids_BT: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position_ids_BT.float().unsqueeze(-1) * self.inv_freq  # [B, T, R/2]
+        cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: LatentCache | None = None, mtp: bool | None = None) -> V3Output:
+        """input_ids [B, T]. attention_mask [B, S] marks real tokens (S = cached + T; left padding ok).
+        position_ids [B, T]: defaults to the count of real tokens before each one; in a packed batch,
+        positions that restart at 0 start a new document that does not see the previous ones."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = build_mask(attention_mask, position_ids, T, past, packed=cache is None and attention_mask is None)
+        x = self.embed_tokens(input_ids)
+        rope = self.rope(position_ids, x.dtype)
+        valid = attention_mask[:, -T:].bool() if attention_mask is not None else None
+        if self.config.residual != "standard":
+            x = expand_streams(x, self.config.hc_streams)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x, a = checkpoint(layer, x, rope, mask, cache, valid, use_reentrant=False)
+            else:
+                x, a = layer(x, rope, mask, cache, valid)
+            aux = aux + a
+        if cache is not None:
+            cache.advance()
+        if self.config.residual != "standard":
+            x = merge_streams(x)
+        h = self.norm(x)
+        mtp_hidden: list[Tensor] = []
+        if (self.training if mtp is None else mtp) and len(self.mtp) and cache is None:
+            prev = h
+            for k, m in enumerate(self.mtp, start=1):
+                # depth k combines h_i (from depth k-1) with the embedding of token i+k
+                emb = self.embed_tokens(input_ids[:, k:])
+                hk = m.eh_proj(torch.cat([m.enorm(emb), m.hnorm(prev[:, :-1])], dim=-1))
+                sub_mask = None if mask is None else mask[..., k:, k:]
+                cos, sin = rope
+                hk, a = m.block(hk, (cos[:, :, k:], sin[:, :, k:]), sub_mask, None,
+                                None if valid is None else valid[:, k:])
+                aux = aux + a
+                prev = hk
+                mtp_hidden.append(m.shared_head_norm(hk))
+        return V3Output(hidden=h, aux_loss=aux, mtp_hidden=mtp_hidden)
+
+    def logits(self, input_ids: Tensor, **kw: object) -> Tensor:
+        return self.lm_head(self.forward(input_ids, **kw).hidden)
+
+
+def build_mask(attention_mask: Tensor | None, position_ids: Tensor, T: int, past: int, packed: bool) -> Tensor | None:
+    """A boolean [B, 1, T, S] mask (True = attend), or None for the plain causal case (SDPA's fast path)."""
+    q_pos = torch.arange(past, past + T, device=position_ids.device)
+    if attention_mask is None:
+        if not packed or not bool((position_ids[:, 1:] == 0).any()):
+            return None if past == 0 else torch.ones(1, 1, T, past + T, dtype=torch.bool, device=q_pos.device)
+        doc_BT = (position_ids == 0).long().cumsum(-1)  # packed documents: block-diagonal causal
+        causal = q_pos[:, None] >= torch.arange(T, device=q_pos.device)[None, :]
+        return (causal & (doc_BT[:, :, None] == doc_BT[:, None, :])).unsqueeze(1)
+    S = attention_mask.shape[1]
+    k_pos = torch.arange(S, device=q_pos.device)
+    mask = (k_pos[None, :] <= q_pos[:, None]) & attention_mask.bool()[:, None, :]  # [B, T, S]
+    # A padding query sees no key at all; letting it see itself avoids NaN rows (its output is unused).
+    mask |= (k_pos[None, :] == q_pos[:, None]).unsqueeze(0)
+    return mask.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------- balancing
+@torch.no_grad()
+def update_router_biases(model: nn.Module, gamma: float | None = None, recenter: bool | None = None) -> None:
+    """Auxiliary-loss-free balancing, once per optimizer step: b_i += gamma * sign(mean_load - load_i)
+    over the global batch (counts all-reduced across ranks), then the counts restart from zero."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        return
+    counts = torch.stack([m.tokens_per_expert for m in moes])  # [layers, E]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    for m, load in zip(moes, counts, strict=True):
+        g = m.c.router_bias_update_speed if gamma is None else gamma
+        b = m.gate.e_score_correction_bias
+        b += g * torch.sign(load.mean() - load)
+        if m.c.router_bias_recenter if recenter is None else recenter:
+            b -= b.mean()
+        m.tokens_per_expert.zero_()
+
+
+@torch.no_grad()
+def expert_load_metrics(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer: max/mean load and the fraction of experts that received no token (dead)."""
+    out: dict[str, float] = {}
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, MoE)):
+        load = m.tokens_per_expert
+        if load.sum() > 0:
+            out[f"moe/{i}/max_over_mean"] = (load.max() / load.mean()).item()
+            out[f"moe/{i}/dead_frac"] = (load == 0).float().mean().item()
+    if out:
+        vals = [v for k, v in out.items() if k.endswith("max_over_mean")]
+        out["moe/max_over_mean"] = max(vals)
+    return out
