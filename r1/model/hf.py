@@ -148,6 +148,7 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
                 continue
             if params[name].shape != t.shape:
                 bad_shape.append(f"{hf_name}: checkpoint {tuple(t.shape)} vs model {tuple(params[name].shape)}")
+                seen.add(name)  # reported as a shape mismatch, not as missing
                 continue
             params[name].copy_(t)
             seen.add(name)
@@ -156,7 +157,8 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
             seen.update({name + ".gate_up_proj", name + ".down_proj"})
     if c.tie_word_embeddings:
         seen.add("lm_head.weight")
-    missing = sorted(n for n in params if n not in seen)
+    # reported under HF names (for stacked experts: the first expert's key)
+    missing = sorted(next(native_to_hf(n, params[n], c))[0] for n in params if n not in seen)
     if strict and (missing or unexpected or bad_shape):
         lines = [f"checkpoint does not match the {c.num_hidden_layers}-layer V3 config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad_shape)):
