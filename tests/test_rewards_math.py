@@ -1,0 +1,161 @@
+"""Math reward: extraction, a table of formats and traps, the benchmark files, fast path, pathological inputs."""
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards.math import extract_answer, gold_answer, last_boxed, math_reward, verify_answers
+from rewards.pool import WorkerPool, shared_pool
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+B = lambda s: f"So the result follows. \\boxed{{{s}}}"  # noqa: E731 - a completion ending in a boxed answer
+
+# (completion, gold, expected score)
+CASES = [
+    # integers: leading zeros, commas, signs, dollars
+    (B("25"), "025", 1.0), (B("025"), "25", 1.0), (B("1,000"), "1000", 1.0), (B("1000"), "1,000", 1.0),
+    (B("-7"), "-7", 1.0), (B("7"), "-7", 0.0), (B("\\$5"), "5", 1.0), (B("5"), "\\$5", 1.0),
+    (B("1{,}234"), "1234", 1.0), (B("12"), "12.0", 1.0),
+    # fractions, decimals, \dfrac, mixed numbers
+    (B("\\frac{1}{2}"), "0.5", 1.0), (B("0.5"), "\\frac12", 1.0), (B("\\dfrac{3}{4}"), "\\frac{3}{4}", 1.0),
+    (B("\\tfrac{3}{4}"), "0.75", 1.0), (B("2\\frac{1}{2}"), "\\frac52", 1.0), (B("2.5"), "2\\frac{1}{2}", 1.0),
+    (B("3/4"), "\\frac{3}{4}", 1.0), (B("0.333"), "0.3333", 0.0), (B("\\frac{2}{4}"), "\\frac{1}{2}", 1.0),
+    # percentages: "50\\%" is 0.5, a bare 50 is not (peers' percentage rule would accept it; we do not)
+    (B("50\\%"), "0.5", 1.0), (B("0.5"), "50\\%", 1.0), (B("50"), "0.5", 0.0), (B("50\\%"), "50\\%", 1.0),
+    # intervals
+    (B("[1,2)"), "[1,2)", 1.0), (B("(1,2)"), "[1,2)", 0.0), (B("(-\\infty, 3]"), "(-\\infty,3]", 1.0),
+    (B("(-\\infty, 3)"), "(-\\infty,3]", 0.0), (B("[2,5]"), "[2, 5]", 1.0),
+    # sets (unordered) and tuples (ordered)
+    (B("\\{1,2,3\\}"), "\\{3,2,1\\}", 1.0), (B("\\{1,2\\}"), "\\{1,2,3\\}", 0.0), (B("3, 1, 2"), "1,2,3", 1.0),
+    (B("(1,2)"), "(1,2)", 1.0), (B("(2,1)"), "(1,2)", 0.0),
+    (B("(3, \\frac{\\pi}{2})"), "\\left( 3, \\frac{\\pi}{2} \\right)", 1.0),
+    (B("(3,4,5)"), "(3,5,4)", 0.0),
+    # matrices
+    (B("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 1.0),
+    (B("\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 0.0),
+    (B("\\begin{bmatrix}2\\\\-1\\end{bmatrix}"), "\\begin{pmatrix}2\\\\-1\\end{pmatrix}", 1.0),
+    # equations against values
+    (B("x = 3"), "3", 1.0), (B("3"), "x=3", 1.0), (B("x=4"), "3", 0.0), (B("y = 2x + 1"), "y=2x+1", 1.0),
+    # units, degrees, text
+    (B("10\\text{ cm}"), "10", 1.0), (B("30^\\circ"), "30", 1.0), (B("30^{\\circ}"), "30^\\circ", 1.0),
+    (B("\\text{(C)}"), "\\text{(C)}", 1.0), (B("\\text{Evelyn}"), "\\text{Evelyn}", 1.0), (B("B"), "\\text{(C)}", 0.0),
+    # symbolic
+    (B("2\\sqrt{2}"), "\\sqrt{8}", 1.0), (B("\\frac{\\sqrt{3}}{2}"), "\\frac{\\sqrt3}{2}", 1.0),
+    (B("\\pi"), "3.14", 0.0),
+    (B("x^2+2x+1"), "(x+1)^2", 1.0), (B("p - q"), "p-q", 1.0), (B("4\\sqrt{2}"), "4", 0.0),
+    # false-positive traps
+    (B("1"), "11", 0.0), (B("11"), "1", 0.0), (B("\\frac{1}{2}"), "2", 0.0), (B("2"), "\\frac12", 0.0),
+    (B("1, 2, 3"), "2", 0.0), (B("x^2-1=0"), "x+1=0", 0.0), ("The answer is 5, not \\boxed{6}.", "5", 0.0),
+    ("\\boxed{5} ... wait, actually \\boxed{7}", "5", 0.0), ("no answer here", "5", 0.0), (B(""), "0", 0.0),
+    # extraction: nested braces, answer tags, "the answer is", \boxed without braces, conversational form
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt2}", 1.0), ("<think>2+2</think><answer>4</answer>", "4", 1.0),
+    ("<think>x</think><answer>The answer is $\\frac{1}{3}$.</answer>", "1/3", 1.0),
+    ("So the final answer is 42.", "42", 1.0), ("Thus $\\boxed 7$.", "7", 1.0),
+    ([{"role": "assistant", "content": B("9")}], "9", 1.0), (B("18"), "Janet makes 9*2 = 18\n#### 18", 1.0),
+]
+
+
+def test_table_size():
+    assert len(CASES) >= 60
+
+
+def test_table():
+    got = math_reward([c for c, _, _ in CASES], [g for _, g, _ in CASES])
+    wrong = [(c, g, e, s) for (c, g, e), s in zip(CASES, got, strict=True) if s != e]
+    assert not wrong, wrong
+
+
+def test_extraction():
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{x^{2}}") == "x^{2}"
+    assert last_boxed("\\boxed{unclosed") is None
+    assert extract_answer("<answer>7</answer>", ("answer_tag",)) == "7"
+    assert extract_answer("\\boxed{3} <answer>7</answer>", ("answer_tag", "boxed")) == "7"
+    assert extract_answer("the answer is 7", ("boxed",)) is None
+    assert gold_answer("work\n#### 1,234") == "1,234"
+
+
+def test_fast_path_matches_math_verify():
+    """The integer fast path must give math-verify's verdict: compare on pairs that skip it (a trailing space
+    defeats the fast path's regex but not math-verify's parser)."""
+    rng = random.Random(0)
+    nums = [str(rng.randint(-10**6, 10**6)) for _ in range(60)] + ["007", "7", "0", "-0", "+5", "5", "10" * 30]
+    pairs = [(a, b) for a in nums[:40] for b in rng.sample(nums, 3)] + [(a, a) for a in nums]
+    pairs += [(a, a.lstrip("+-0") or "0") for a in nums]
+    fast = verify_answers([a for a, _ in pairs], [b for _, b in pairs])
+    slow = verify_answers([a for a, _ in pairs], [b + " " for _, b in pairs])
+    assert fast == slow
+
+
+def _rows(name):
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not found (benchmark data lives in ../shared/data)")
+    return [json.loads(line) for line in path.open()]
+
+
+def _other(golds, i):
+    """The next problem whose answer has a different value (a bare string compare would not do: 5 vs x=5)."""
+    norm = lambda s: s.replace(" ", "").split("=")[-1]  # noqa: E731
+    j = (i + 1) % len(golds)
+    while norm(golds[j]) == norm(golds[i]):
+        j = (j + 1) % len(golds)
+    return golds[j]
+
+
+def test_math500():
+    rows = _rows("math500.jsonl")
+    golds = [r["answer"] for r in rows]
+    accepted = sum(verify_answers(golds, [last_boxed(r["solution"]) for r in rows]))
+    rejected = len(rows) - sum(verify_answers(golds, [_other(golds, i) for i in range(len(golds))]))
+    assert accepted >= 498 and rejected >= 498, (accepted, rejected)
+
+
+@pytest.mark.parametrize("name", ["aime24.jsonl", "aime25.jsonl"])
+def test_aime(name):
+    golds = [str(r["answer"]) for r in _rows(name)]
+    assert sum(verify_answers(golds, golds)) == 30
+    assert sum(verify_answers(golds, [_other(golds, i) for i in range(30)])) == 0
+    # as a model would write them: boxed, without the leading zeros
+    assert sum(math_reward([B(int(g)) for g in golds], golds)) == 30
+
+
+def test_gsm8k():
+    rows = _rows("gsm8k_test.jsonl")
+    golds = [r["answer"] for r in rows]
+    nums = [gold_answer(g) for g in golds]
+    assert sum(verify_answers(golds, nums)) == len(rows) == 1319
+    assert sum(verify_answers(golds, [_other(nums, i) for i in range(len(nums))])) == 0
+
+
+PATHOLOGICAL = [
+    "5^{5^{5^{5}}}", "9^{9^{9^{9}}}", "10^{10^{10^{10}}}", "(10^{100})!", "2^{2^{2^{2^{2^{2}}}}}",
+    "{" * 300 + "1" + "}" * 300, "(" * 500 + "1" + ")" * 500, "\\sum_{k=1}^{10^{12}} k^{k}",
+    "\\prod_{k=1}^{10^9} k", "\\frac{" * 200 + "1" + "}{2}" * 200, "(10^{10^{10}})!", "7^{7^{7^{7}}}",
+    "\\begin{pmatrix}" + "\\\\".join("&".join(f"x_{{{i}{j}}}" for j in range(30)) for i in range(30))
+    + "\\end{pmatrix}^{100}",
+]
+
+
+def test_pathological_batch():
+    timeout, workers = 0.5, 2
+    answers = (PATHOLOGICAL * 4)[:50]
+    pid = os.getpid()
+    t = time.monotonic()
+    scores = verify_answers(["1"] * 50, answers, timeout=timeout, workers=workers)
+    elapsed = time.monotonic() - t
+    assert scores == [0.0] * 50
+    assert elapsed < 2 * timeout * 50 / workers, elapsed
+    assert os.getpid() == pid and verify_answers(["\\frac12"], ["0.5"], timeout=timeout) == [1.0]
+
+
+def test_dead_worker_is_replaced():
+    pool = WorkerPool("os:_exit", workers=1, timeout=5)  # every item kills its worker
+    try:
+        assert pool.map([0, 0, 0], default=-1) == [-1, -1, -1] and pool.crashes == 3
+    finally:
+        pool.close()
+    assert shared_pool("rewards.math:check", 2, 3.0).map([("2", "2")]) == [1.0]
