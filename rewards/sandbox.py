@@ -11,6 +11,7 @@ The strongest level available is detected once (`isolation()`), or forced with R
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import select
@@ -39,6 +40,7 @@ def _fstab(mb: int) -> str:
             if os.path.isdir(d):
                 f.write(f"r1-sandbox {d} tmpfs size={mb}m,mode=1777,nosuid,nodev 0 0\n")
     os.chmod(path, 0o644)
+    atexit.register(os.unlink, path)
     return path
 _NS = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
 
