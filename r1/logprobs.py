@@ -36,7 +36,9 @@ def token_logprobs(hidden_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor, te
     logps, ents = [], []
     for s in range(0, h_ND.shape[0], chunk):
         args = (h_ND[s:s + chunk], weight_VD, t_N[s:s + chunk], temperature, with_entropy)
-        if torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad):
+        # one chunk: keep its logits for backward rather than recompute them (no memory to save)
+        if torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad) \
+                and h_ND.shape[0] > chunk:
             lp, en = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
             lp, en = _chunk_stats(*args)

@@ -9,19 +9,19 @@ from r1.model.config import V3Config
 from r1.model.model import V3ForCausalLM
 
 
-def hf_config(c: V3Config) -> DeepseekV3Config:
+def hf_config(c: V3Config, attn: str = "eager") -> DeepseekV3Config:
     d = c.to_hf_dict()
     keep = {k: v for k, v in d.items() if k in DeepseekV3Config.__dataclass_fields__ or k == "rope_parameters"}
     keep.pop("num_mtp_layers", None)
     hc = DeepseekV3Config(**keep)
-    hc._attn_implementation = "eager"
+    hc._attn_implementation = attn
     return hc
 
 
 @torch.no_grad()
-def hf_copy(ours: V3ForCausalLM) -> DeepseekV3ForCausalLM:
+def hf_copy(ours: V3ForCausalLM, attn: str = "eager") -> DeepseekV3ForCausalLM:
     """transformers' model holding exactly our weights (in-memory names: fused 3-D experts as ours)."""
-    ref = DeepseekV3ForCausalLM(hf_config(ours.config)).eval()
+    ref = DeepseekV3ForCausalLM(hf_config(ours.config, attn)).eval()
     sd = {}
     for name, t in list(ours.named_parameters()) + list(ours.named_buffers()):
         if name.startswith("mtp.") or name in ("inv_freq",) or name.endswith("tokens_per_expert"):

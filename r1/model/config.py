@@ -130,6 +130,7 @@ def _tiny(**kw: Any) -> V3Config:
                 num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=512,
                 num_nextn_predict_layers=1)
     base.update(kw)
+    base["num_key_value_heads"] = base["num_attention_heads"]  # MLA: every head has its own k and v
     return V3Config(**base)
 
 

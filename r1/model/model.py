@@ -168,8 +168,10 @@ class MLA(nn.Module):
             k_nope_BHTC, v_BHTV = kv.split([C, V], dim=-1)
             k_BHTX = torch.cat([k_nope_BHTC, k_pe_BTR.unsqueeze(1).expand(B, H, T, R)], dim=-1)
             q_BHTX = torch.cat([q_nope_BHTC, q_pe_BHTR], dim=-1)
+            if V < C + R:  # SDPA's fused (flash) CPU/GPU kernels need v's head dim == q's: pad v with zeros
+                v_BHTV = F.pad(v_BHTV, (0, C + R - V))
             o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BHTV, attn_mask=mask, is_causal=is_causal,
-                                                    scale=self.scale)
+                                                    scale=self.scale)[..., :V]
         else:  # decode: attend in latent space, W_kvb absorbed into the query (W_uk) and output (W_uv)
             ckv_BSL, kpe_BSR = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
             w_HXL = self.kv_b_proj.weight.view(H, C + V, L)
