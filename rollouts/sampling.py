@@ -1,0 +1,61 @@
+"""Pure sampling: temperature, top-k, top-p, min-p, and seeded per-sample noise.
+
+Sampling is the Gumbel-max trick: argmax(logits / T + g) with g = -log(Exp(1)) noise is an exact draw
+from softmax(logits / T) (truncated tokens carry -inf and are never drawn). The noise comes from one
+torch.Generator per sample, seeded from (seed, sample index), so a sample's tokens depend only on its
+own seed and logits: not on which other rows share the batch or when finished rows leave it.
+
+The returned log-prob is that of the chosen token under softmax(logits / T) BEFORE truncation (T = 1
+when greedy): the distribution the trainer recomputes from the policy's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rollouts.base import SamplingParams
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive sample indices apart
+
+
+def make_generators(seed: int, count: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample; sample i of a call with `seed` always gets the same stream."""
+    return [torch.Generator(device=device).manual_seed((seed * _SEED_MIX + i) % 2**63) for i in range(count)]
+
+
+def truncate(logits_BV: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Set to -inf the tokens that top-k, then top-p, then min-p remove (logits already / T)."""
+    V = logits_BV.shape[-1]
+    if 0 < top_k < V:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        p_BV = sorted_BV.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the top one stays)
+        drop_sorted = (p_BV.cumsum(-1) - p_BV) >= top_p
+        drop_sorted[:, 0] = False
+        drop_BV = torch.zeros_like(drop_sorted).scatter_(-1, order_BV, drop_sorted)
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
+    if min_p > 0.0:
+        p_BV = logits_BV.softmax(-1)
+        logits_BV = logits_BV.masked_fill(p_BV < min_p * p_BV.amax(-1, keepdim=True), float("-inf"))
+    return logits_BV
+
+
+def sample(logits_BV: Tensor, sp: SamplingParams, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """Next tokens [B] and their log-probs [B] (fp32); generators[b] drives row b."""
+    logits_BV = logits_BV.float()
+    if sp.temperature == 0.0:
+        tok_B = logits_BV.argmax(-1)
+        return tok_B, F.log_softmax(logits_BV, -1).gather(-1, tok_B[:, None]).squeeze(-1)
+    scaled_BV = logits_BV / sp.temperature
+    logp_BV = F.log_softmax(scaled_BV, -1)
+    kept_BV = truncate(scaled_BV, sp.top_k, sp.top_p, sp.min_p)
+    V = logits_BV.shape[-1]
+    # One small draw per row (not per token): each row's stream stays its own.
+    expo_BV = torch.stack([torch.empty(V, device=logits_BV.device).exponential_(generator=g) for g in generators])
+    tok_B = (kept_BV - expo_BV.log()).argmax(-1)
+    return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
