@@ -112,7 +112,8 @@ def main() -> None:
               f"{', '.join(f'{t:.2f}' for t in times[k])} s)  peak RSS growth {mem[k] / 2**20:.1f} MiB")
     print(f"speed-up: {ratio:.2f}x")
     print(json.dumps({"bench": "generate", "preset": args.preset, "batch": args.batch, "prompt": args.prompt,
-                      "new": args.new, "threads": args.threads, "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+                      "new": args.new, "threads": args.threads,
+                      "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
                       "ratio": round(ratio, 2), "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in mem.items()}}))
 
 
