@@ -2,20 +2,29 @@
 
 The residual stream is widened to n copies x_BTnD. Around a sub-block F (attention or MLP):
     x_next = H_res x + H_post^T F(H_pre x)
-with H_pre [1 x n], H_post [n x 1], H_res [n x n], each = static bias + alpha * (RMSNorm(flatten(x)) phi).
-mHC constrains H_pre = sigmoid(.), H_post = 2 sigmoid(.), H_res = Sinkhorn-Knopp(exp(.)) (doubly
-stochastic), which bounds the gain of the composite H_res product across depth. HC applies tanh to
-the dynamic part only (the paper's choice) and leaves the matrices unconstrained.
+with H_pre [1 x n], H_post [n x 1], H_res [n x n] per token, each = static bias + alpha * dynamic part,
+    dynamic = RMSNorm(flatten(x)) phi,   phi [n D, n + n + n^2] (one fused projection for all three)
+HC applies tanh to the dynamic parts (the paper's choice) and leaves the maps unconstrained. mHC
+constrains H_pre = sigmoid(.), H_post = 2 sigmoid(.), H_res = Sinkhorn-Knopp(exp(.)), a doubly
+stochastic matrix: products of those are doubly stochastic too, so the composite gain over depth
+stays at 1 (max row / column sum), where HC's can grow without bound.
 
 Init (HC paper): b_res = I, b_pre one-hot at (layer mod n), b_post = 1, phi = 0, alpha = 0.01. For mHC
-the biases are set so that the constrained maps start at the same point: sigmoid(b_pre) = 1/n each
-and 2 sigmoid(b_post) = 1.
+the biases are set so that the constrained maps meet the condition below: sigmoid(b_pre) = 1/n each,
+2 sigmoid(b_post) = 1, and Sinkhorn(exp(I)) is doubly stochastic.
 
-When an hc/mhc model equals the standard one: with phi = 0 (so H does not depend on x), streams
-expanded by copying and merged by their mean, if H_res has rows summing to 1 (identity for HC, any
-doubly stochastic matrix for mHC), sum(H_pre) = 1 and H_post = 1, every stream stays equal to the
-standard residual x, the sub-block reads x and each stream adds F(x): the function is the same.
-HC's init satisfies it exactly; mHC's init satisfies it too (tests/test_hc.py checks both).
+When an hc/mhc model computes the same function as the standard one (tests/test_hc.py):
+the streams are expanded by copying and merged by their mean, and in every HyperConnection
+    (a) H does not depend on x: phi = 0 (or alpha = 0), and
+    (b) sum_i H_pre[i] = 1,  H_post[i] = 1 for all i,  sum_j H_res[i, j] = 1 for all i.
+Then by induction every stream equals the standard residual x: the sub-block reads sum_i H_pre[i] x = x
+and stream i becomes sum_j H_res[i, j] x + F(x) = x + F(x); the mean of n equal streams is x. Both inits
+satisfy (a) and (b) exactly (mHC up to fp32 rounding of the Sinkhorn sums). For generic block weights
+(b) is also necessary for the streams to stay equal copies (an mHC H_res always meets it), and any
+x-dependence (phi != 0 with alpha != 0) breaks the equality. One near-exception: a sub-block that starts
+with RMSNorm sees c x like x for c = sum H_pre > 0, but for the eps in its norm.
+At init phi = 0, so the loss has gradients in phi and the biases but none in alpha or the norm weight
+(they act through phi x only) until phi has moved.
 """
 
 from __future__ import annotations
@@ -28,14 +37,86 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
-    """Doubly stochastic matrix from exp(logits) [..., n, n] by Sinkhorn-Knopp, in the log domain and
-    fp32 so that large logits neither overflow nor leave an all-zero row; differentiable."""
-    log_m = logits.float()
-    for _ in range(iters):
-        log_m = log_m - log_m.logsumexp(-1, keepdim=True)  # rows sum to 1
-        log_m = log_m - log_m.logsumexp(-2, keepdim=True)  # columns sum to 1
-    return log_m.exp()
+class _SinkhornIters(torch.autograd.Function):
+    """The plain iterations K <- K / sum_j K, K <- K / sum_i K without an autograd graph: the backward of
+    one normalisation out = K / s, s = sum K, is  dK = (d_out - sum(d_out * out)) / s, 4 ops on [n, n, N]
+    in place of autograd's ~8 ops and nodes (Sinkhorn was the largest part of mHC's overhead)."""
+
+    @staticmethod
+    def forward(ctx: object, k: Tensor, iters: int, i: int, j: int) -> Tensor:
+        outs, sums = [], []
+        for _ in range(iters):
+            for d in (j, i):
+                s = k.sum(d, keepdim=True)
+                k = k / s
+                outs.append(k)
+                sums.append(s)
+        ctx.save_for_backward(*outs, *sums)
+        ctx.dims = [d for _ in range(iters) for d in (j, i)]
+        return k
+
+    @staticmethod
+    def backward(ctx: object, g: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        outs, sums = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        g = g.contiguous()  # it arrives in the tokens-first layout of H_res's consumers: ~5x slower ops
+        for out, s, d in zip(reversed(outs), reversed(sums), reversed(ctx.dims), strict=True):
+            g = (g - (g * out).sum(d, keepdim=True)) / s
+        return g, None, None, None
+
+
+def sinkhorn(logits: Tensor, iters: int = 20, dims: tuple[int, int] = (-2, -1)) -> Tensor:
+    """The doubly stochastic matrix P = Sinkhorn-Knopp(exp(logits)) over the matrix dims (i, j) = dims;
+    fp32 (fp64 stays fp64), differentiable (unrolled). Rows (sum over j) and columns (sum over i) of P
+    sum to 1 to fp32 rounding for any finite logits, P >= 0.
+
+        K = exp(logits) scaled by one log-domain row + column normalisation
+        repeat iters - 1:  K <- K / sum_j K,  K <- K / sum_i K
+        round (Altschuler, Weed, Rigollet 2017, Alg. 2):
+            X = K / max(sum_j K, 1),  Y = X / max(sum_i X, 1),  r = 1 - sum_j Y,  c = 1 - sum_i Y
+            P = Y + r c^T / sum(r)
+
+    Why the first iteration is in the log domain: afterwards every column holds an entry >= 1/n and
+    every row one >= 1/n^2 for any logits, and the plain iterations keep all sums >= 1/n, so they never
+    divide by zero and need no clamps (the plain ones are ~3x cheaper than logsumexp).
+    Why the rounding: Sinkhorn converges only linearly, and 20 iterations leave the row sums off by
+    ~3e-4 for N(0, 1) logits and by O(1) for large ones (50 randn: up to 2), which would let the gain
+    of a product of many H_res grow. The rounding makes P exactly doubly stochastic (r, c >= 0 so
+    P >= 0), moves K by at most 2 (|K 1 - 1|_1 + |K^T 1 - 1|_1), i.e. not at all once converged,
+    and costs about one iteration.
+    """
+    i, j = dims
+    m = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    m = m - m.logsumexp(j, keepdim=True)
+    k = (m - m.logsumexp(i, keepdim=True)).exp()
+    k = _SinkhornIters.apply(k, iters - 1, i, j)
+    x = k / k.sum(j, keepdim=True).clamp_min(1.0)
+    y = x / x.sum(i, keepdim=True).clamp_min(1.0)
+    r = (1 - y.sum(j, keepdim=True)).clamp_min(0.0)  # row deficits, a column vector
+    c = (1 - y.sum(i, keepdim=True)).clamp_min(0.0)  # column deficits, a row vector
+    return y + r * c / r.sum(i, keepdim=True).clamp_min(1e-12)
+
+
+class _ReadAndMix(torch.autograd.Function):
+    """(x [N, n, D], H_pre [N, n], H_res [N, n, n]) -> (H_pre x [N, D], H_res x [N, n, D]) as one bmm with
+    W = [H_pre; H_res] [N, n + 1, n], and a backward of two bmms: the passes over the n-times-wider
+    stream tensor are what HC costs on CPU."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, pre: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
+        w = torch.cat([pre.unsqueeze(-2), res], dim=-2)
+        out = torch.bmm(w, x)
+        ctx.save_for_backward(x, w)
+        return out[:, 0], out[:, 1:]
+
+    @staticmethod
+    def backward(ctx: object, g_h: Tensor | None, g_r: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        x, w = ctx.saved_tensors
+        g = x.new_empty(x.shape[0], w.shape[1], x.shape[2])
+        g[:, 0] = 0 if g_h is None else g_h
+        g[:, 1:] = 0 if g_r is None else g_r
+        g_w = torch.bmm(g, x.transpose(1, 2))
+        return torch.bmm(w.transpose(1, 2), g), g_w[:, 0], g_w[:, 1:]
 
 
 def expand_streams(x_BTD: Tensor, n: int) -> Tensor:
@@ -47,6 +128,8 @@ def merge_streams(x_BTnD: Tensor) -> Tensor:
 
 
 class HyperConnection(nn.Module):
+    """H_pre, H_post, H_res around one sub-block; `index` (2 layer + 0 / 1) picks HC's one-hot b_pre."""
+
     def __init__(self, c: object, index: int):
         super().__init__()
         self.n, self.mode, self.index = c.hc_streams, c.residual, index
@@ -54,13 +137,14 @@ class HyperConnection(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(n * D))
         self.eps = c.rms_norm_eps
         self.phi = nn.Parameter(torch.zeros(n * D, n + n + n * n))  # -> pre (n), post (n), res (n*n)
-        self.alpha = nn.Parameter(torch.full((3,), 0.01))
+        self.alpha = nn.Parameter(torch.full((3,), 0.01))  # pre, post, res
         self.b_pre = nn.Parameter(torch.zeros(n))
         self.b_post = nn.Parameter(torch.zeros(n))
         self.b_res = nn.Parameter(torch.zeros(n, n))
-        self.last_res: Tensor | None = None  # mean H_res of the last forward (for the gain metric)
+        # token means of the last forward's H (no grad), read by hc_metrics
         self.last_pre: Tensor | None = None
         self.last_post: Tensor | None = None
+        self.last_res: Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -78,49 +162,64 @@ class HyperConnection(nn.Module):
             self.b_post.fill_(1.0)
 
     def weights(self, x_BTnD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        n = self.n
-        xf = x_BTnD.flatten(-2).float()
-        xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
-        dyn = xn @ self.phi.float()
-        d_pre, d_post, d_res = dyn.split([n, n, n * n], dim=-1)
+        """(H_pre [..., n], H_post [..., n], H_res [..., n, n]) in fp32 for x [..., n, D]."""
+        n, lead = self.n, x_BTnD.shape[:-2]
+        xf = x_BTnD.reshape(-1, x_BTnD.shape[-2] * x_BTnD.shape[-1]).float()  # [N, n D]; no copy in fp32
+        # RMSNorm(x) phi = rsqrt(mean(x^2) + eps) * (x (w * phi)): no normalised [N, n D] copy of x.
+        # Computed transposed, tokens last ([2n + n^2, N]): the n-sums of Sinkhorn then add contiguous
+        # N-vectors, ~3x faster than reducing rows of 4.
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1).square() / xf.shape[-1] + self.eps)
+        dyn = ((self.norm_weight.unsqueeze(-1) * self.phi).T @ xf.T) * inv_rms
         if self.mode == "hc":
-            d_pre, d_post, d_res = d_pre.tanh(), d_post.tanh(), d_res.tanh()
-        pre = self.b_pre + self.alpha[0] * d_pre
-        post = self.b_post + self.alpha[1] * d_post
-        res = self.b_res + self.alpha[2] * d_res.unflatten(-1, (n, n))
+            dyn = dyn.tanh()
+        pre = self.b_pre.unsqueeze(-1) + self.alpha[0] * dyn[:n]
+        post = self.b_post.unsqueeze(-1) + self.alpha[1] * dyn[n:2 * n]
+        res = self.b_res.unsqueeze(-1) + self.alpha[2] * dyn[2 * n:].view(n, n, -1)
         if self.mode == "mhc":
-            pre, post, res = pre.sigmoid(), 2 * post.sigmoid(), sinkhorn(res)
-        return pre, post, res
+            pre, post, res = pre.sigmoid(), 2 * post.sigmoid(), sinkhorn(res, dims=(0, 1))
+        # back to tokens first, contiguous: bmm on a token-strided batch falls back to a per-token loop
+        pre, post, res = pre.T.contiguous(), post.T.contiguous(), res.permute(2, 0, 1).contiguous()
+        return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
 
     def forward(self, x_BTnD: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        pre_BTn, post_BTn, res_BTnn = self.weights(x_BTnD)
-        if not torch.jit.is_scripting():
-            with torch.no_grad():
-                self.last_pre, self.last_post = pre_BTn.flatten(0, -2).mean(0), post_BTn.flatten(0, -2).mean(0)
-                self.last_res = res_BTnn.flatten(0, -3).mean(0)
-        dt = x_BTnD.dtype
-        h_BTD = torch.einsum("...n,...nd->...d", pre_BTn.to(dt), x_BTnD)
-        y_BTD, aux = fn(h_BTD)
-        x_next = torch.einsum("...mn,...nd->...md", res_BTnn.to(dt), x_BTnD) \
-            + post_BTn.to(dt).unsqueeze(-1) * y_BTD.unsqueeze(-2)
+        """x_BTnD -> (H_res x + H_post^T fn(H_pre x), fn's aux output)."""
+        pre, post, res = self.weights(x_BTnD)
+        with torch.no_grad():
+            self.last_pre = pre.reshape(-1, self.n).mean(0)
+            self.last_post = post.reshape(-1, self.n).mean(0)
+            self.last_res = res.reshape(-1, self.n, self.n).mean(0)
+        dt, shape = x_BTnD.dtype, x_BTnD.shape
+        x = x_BTnD.reshape(-1, shape[-2], shape[-1])
+        h, xr = _ReadAndMix.apply(x, pre.to(dt).reshape(-1, self.n), res.to(dt).reshape(-1, self.n, self.n))
+        y_BTD, aux = fn(h.view(*shape[:-2], shape[-1]))
+        # H_post^T y as a rank-1 baddbmm: its backward is two bmms, no [N, n, D] temporaries
+        x_next = torch.baddbmm(xr, post.to(dt).reshape(-1, self.n, 1), y_BTD.reshape(-1, 1, shape[-1]))
+        x_next = x_next.view(shape)
         return x_next, aux
 
 
 @torch.no_grad()
 def hc_metrics(model: nn.Module) -> dict[str, float]:
-    """Composite gain over depth of the (token-averaged) H_res product of the last forward pass:
-    forward gain = max absolute row sum, backward gain = max absolute column sum; and the spread
-    (max - min over streams) of H_pre / H_post per layer, averaged."""
-    hcs = [m for m in model.modules() if isinstance(m, HyperConnection) and m.last_res is not None]
+    """From the last forward pass, with R_l = the token mean of H_res in sub-block l (depth order):
+        forward gain  = max_l max_i sum_j |(R_l ... R_1)[i, j]|   (max absolute row sum)
+        backward gain = max_l max_j sum_i |(R_l ... R_1)[i, j]|   (max absolute column sum)
+    over the main stack (not MTP); both 1 at identity and for any mHC (to fp32 rounding).
+    pre_spread / post_spread: the mean over sub-blocks of (max - min) over streams of the token-mean
+    H_pre / H_post."""
+    # the composite product runs over the main stack only: an MTP block starts again from merged states
+    hcs = [m for name, m in model.named_modules() if isinstance(m, HyperConnection) and m.last_res is not None]
+    main = [m for name, m in model.named_modules()
+            if isinstance(m, HyperConnection) and m.last_res is not None and not name.startswith("mtp.")]
     if not hcs:
         return {}
-    prod = torch.eye(hcs[0].n)
-    fwd = bwd = 1.0
-    for m in hcs:
+    prod = torch.eye(hcs[0].n, device=hcs[0].last_res.device)
+    fwd, bwd = [prod.new_ones(())], [prod.new_ones(())]
+    for m in main:
         prod = m.last_res.float() @ prod
-        fwd = max(fwd, prod.abs().sum(-1).max().item())
-        bwd = max(bwd, prod.abs().sum(-2).max().item())
-    spread_pre = sum((m.last_pre.max() - m.last_pre.min()).item() for m in hcs) / len(hcs)
-    spread_post = sum((m.last_post.max() - m.last_post.min()).item() for m in hcs) / len(hcs)
-    return {"hc/forward_gain": fwd, "hc/backward_gain": bwd, "hc/pre_spread": spread_pre,
-            "hc/post_spread": spread_post}
+        fwd.append(prod.abs().sum(-1).max())
+        bwd.append(prod.abs().sum(-2).max())
+    pre = torch.stack([m.last_pre.float() for m in hcs])
+    post = torch.stack([m.last_post.float() for m in hcs])
+    out = torch.stack([torch.stack(fwd).max(), torch.stack(bwd).max(), (pre.amax(-1) - pre.amin(-1)).mean(),
+                       (post.amax(-1) - post.amin(-1)).mean()]).tolist()  # one device sync
+    return dict(zip(("hc/forward_gain", "hc/backward_gain", "hc/pre_spread", "hc/post_spread"), out, strict=True))

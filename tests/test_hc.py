@@ -1,0 +1,217 @@
+"""Hyper-connections (r1/model/hc.py): Sinkhorn, the equivalence with the standard residual, gradients,
+the gain metrics and the HF round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1.model.config import PRESETS
+from r1.model.hc import HyperConnection, hc_metrics, sinkhorn
+from r1.model.hf import load_hf, save_hf
+from r1.model.model import V3ForCausalLM
+
+
+def tiny(**kw):
+    return PRESETS["tiny"].replace(num_hidden_layers=3, first_k_dense_replace=1, **kw)
+
+
+def reference_sinkhorn(logits, iters, dims=(-2, -1)):
+    """The same map in plain autograd (no custom backward), fp64."""
+    i, j = dims
+    m = logits.double()
+    m = m - m.logsumexp(j, keepdim=True)
+    k = (m - m.logsumexp(i, keepdim=True)).exp()
+    for _ in range(iters - 1):
+        k = k / k.sum(j, keepdim=True)
+        k = k / k.sum(i, keepdim=True)
+    x = k / k.sum(j, keepdim=True).clamp_min(1.0)
+    y = x / x.sum(i, keepdim=True).clamp_min(1.0)
+    r = (1 - y.sum(j, keepdim=True)).clamp_min(0.0)
+    c = (1 - y.sum(i, keepdim=True)).clamp_min(0.0)
+    return y + r * c / r.sum(i, keepdim=True).clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- Sinkhorn
+@pytest.mark.parametrize("scale", [0.0, 1.0, 5.0, 50.0, 1e4])
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_sinkhorn_is_doubly_stochastic(scale, n):
+    torch.manual_seed(n)
+    logits = scale * torch.randn(2000, n, n)
+    logits[0] = 80.0  # exp overflows fp32 without the log-domain first step
+    logits[1] = -1e4 * torch.eye(n)  # all mass off the diagonal
+    p = sinkhorn(logits)
+    assert p.dtype == torch.float32 and torch.isfinite(p).all()
+    assert (p >= 0).all()
+    assert (p.sum(-1) - 1).abs().max() < 1e-5
+    assert (p.sum(-2) - 1).abs().max() < 1e-5
+
+
+def test_sinkhorn_matches_the_fixed_point_and_layouts():
+    torch.manual_seed(0)
+    logits = torch.randn(500, 4, 4)
+    exact = reference_sinkhorn(logits, 2000)  # converged: rounding does nothing there
+    assert (sinkhorn(logits, iters=200).double() - exact).abs().max() < 1e-5
+    assert (sinkhorn(logits).double() - exact).abs().max() < 0.05  # 20 iterations: close, not converged
+    tokens_last = sinkhorn(logits.permute(1, 2, 0).contiguous(), dims=(0, 1)).permute(2, 0, 1)
+    assert (tokens_last - sinkhorn(logits)).abs().max() < 1e-6
+    assert sinkhorn(logits.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_sinkhorn_gradient_equals_plain_autograd(scale):
+    torch.manual_seed(1)
+    logits = (scale * torch.randn(64, 4, 4, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(64, 4, 4, dtype=torch.float64)
+    (g,) = torch.autograd.grad((sinkhorn(logits) * w).sum(), logits)
+    (g_ref,) = torch.autograd.grad((reference_sinkhorn(logits, 20) * w).sum(), logits)
+    assert g.abs().max() > 1e-2
+    assert (g - g_ref).abs().max() < 1e-10
+    # and the unrolled map against finite differences, away from the rounding's kinks (converged)
+    small = (0.5 * torch.randn(2, 3, 3, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sinkhorn(t, iters=60), (small,))
+
+
+# ---------------------------------------------------------------------------------------------- the module
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+def test_init_meets_the_equivalence_condition(mode):
+    c = tiny(residual=mode)
+    for index in range(6):
+        hc = HyperConnection(c, index)
+        pre, post, res = hc.weights(torch.randn(2, 3, c.hc_streams, c.hidden_size))
+        assert torch.allclose(pre.sum(-1), torch.ones(2, 3), atol=1e-6)
+        assert torch.allclose(post, torch.ones_like(post), atol=1e-6)
+        assert torch.allclose(res.sum(-1), torch.ones(2, 3, c.hc_streams), atol=1e-6)
+        if mode == "hc":
+            assert pre[0, 0].argmax().item() == index % c.hc_streams and torch.equal(res[0, 0], torch.eye(4))
+
+
+def _pair(mode, seed=0, **kw):
+    """A standard model with random weights and an hc/mhc model holding the same shared weights."""
+    torch.manual_seed(seed)
+    std = V3ForCausalLM(tiny(**kw)).eval()
+    with torch.no_grad():
+        for p in std.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hc = V3ForCausalLM(tiny(residual=mode, **kw)).eval()
+    missing, unexpected = hc.load_state_dict(std.state_dict(), strict=False)
+    assert not unexpected and missing and all("_hc." in k for k in missing)
+    return std, hc
+
+
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+def test_same_function_as_standard_exactly_under_the_condition(mode):
+    std, hc = _pair(mode)
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        a, b = std(ids, mtp=True), hc(ids, mtp=True)
+        assert (std.lm_head(a.hidden) - hc.lm_head(b.hidden)).abs().max() < 1e-5
+        assert all((x - y).abs().max() < 1e-5 for x, y in zip(a.mtp_hidden, b.mtp_hidden, strict=True))
+        # (b) with a different H_res that keeps rows summing to 1 (for HC), and alpha = 0 with any phi
+        for m in hc.modules():
+            if isinstance(m, HyperConnection):
+                if mode == "hc":
+                    m.b_res.copy_(torch.full((4, 4), 0.25))
+                m.phi.normal_()
+                m.alpha.zero_()
+        assert (std.logits(ids) - hc.logits(ids)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+@pytest.mark.parametrize("breaks", ["phi", "pre", "post", "res"])
+def test_breaking_the_condition_changes_the_function(mode, breaks):
+    std, hc = _pair(mode)
+    ids = torch.randint(0, 256, (2, 24))
+    m = hc.layers[1].attn_hc
+    with torch.no_grad():
+        if breaks == "phi":  # H depends on x (alpha = 0.01 from init)
+            m.phi.normal_()
+        elif breaks == "pre":  # sum H_pre = -1 for HC; 1.5 for mHC (sigmoid(b_pre) = 0.375 each)
+            m.b_pre.copy_(-m.b_pre if mode == "hc" else torch.full((4,), -0.5108))
+        elif breaks == "post":
+            m.b_post.add_(0.5)
+        elif mode == "hc":  # rows of H_res sum to 1.5
+            m.b_res.mul_(1.5)
+        else:  # an mHC H_res is always doubly stochastic: a non-uniform one keeps equal streams equal
+            m.b_res.normal_()
+        diff = (std.logits(ids) - hc.logits(ids)).abs().max().item()
+    if mode == "mhc" and breaks == "res":
+        assert diff < 1e-5  # any doubly stochastic H_res meets (b)
+    elif mode == "mhc" and breaks == "pre":
+        # the attention block starts with RMSNorm, blind to the input's scale but for its eps
+        assert 0 < diff < 1e-3
+    else:
+        assert diff > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+def test_gradients_reach_every_hc_parameter(mode):
+    torch.manual_seed(0)
+    model = V3ForCausalLM(tiny(residual=mode)).train()
+    ids = torch.randint(0, 256, (2, 16))
+    model.logits(ids).logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        if name.endswith(("phi", "b_pre", "b_post", "b_res")):  # phi reaches the loss through alpha = 0.01
+            assert p.grad is not None and p.grad.abs().max() > 0, name
+        elif "_hc." in name:  # alpha and RMSNorm's weight act only through phi x, zero at init
+            assert p.grad.abs().max() == 0, name
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HyperConnection):
+                m.phi.normal_()
+    model.zero_grad()
+    model.logits(ids).logsumexp(-1).mean().backward()
+    assert all(p.grad.abs().max() > 0 for name, p in model.named_parameters() if "_hc." in name)
+
+
+def test_hc_parameters_train_and_metrics_track_the_gain():
+    torch.manual_seed(0)
+    model = V3ForCausalLM(tiny(residual="hc"))
+    ids = torch.randint(0, 256, (2, 16))
+    model(ids)
+    m = hc_metrics(model)
+    assert m["hc/forward_gain"] == pytest.approx(1.0) and m["hc/backward_gain"] == pytest.approx(1.0)
+    assert m["hc/pre_spread"] == pytest.approx(1.0) and m["hc/post_spread"] == pytest.approx(0.0)
+    with torch.no_grad():  # R = [[2, 0], [1, 1]] on two streams in 6 sub-blocks: known gains
+        for blk in model.layers:
+            for hc in (blk.attn_hc, blk.mlp_hc):
+                hc.b_res.copy_(torch.eye(4))
+                hc.b_res[0, 0] = 2.0
+                hc.b_res[1, 0] = 1.0
+    model(ids)
+    m = hc_metrics(model)
+    # R^6 = [[64, 0], [63, 1], ...]: row sums 64 and 64, column sums 127 and 1
+    assert m["hc/forward_gain"] == pytest.approx(64.0) and m["hc/backward_gain"] == pytest.approx(127.0)
+    mhc = V3ForCausalLM(tiny(residual="mhc"))
+    with torch.no_grad():
+        for hc in mhc.modules():
+            if isinstance(hc, HyperConnection):
+                hc.b_res.normal_(std=3.0)
+                hc.phi.normal_()
+    mhc(ids)
+    m = hc_metrics(mhc)
+    assert m["hc/forward_gain"] < 1 + 1e-5 and m["hc/backward_gain"] < 1 + 1e-5
+
+
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+def test_hf_round_trip(tmp_path, mode):
+    torch.manual_seed(0)
+    model = V3ForCausalLM(tiny(residual=mode)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_hc." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    save_hf(model, tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "config.json").read_text())["residual"] == mode
+    back = load_hf(tmp_path).eval()  # strict: every HC parameter is in the checkpoint
+    assert back.config.residual == mode
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model.logits(ids), back.logits(ids))
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    assert {"model.layers.0.attn_hc.phi", "model.layers.2.mlp_hc.b_res", "model.layers.1.attn_hc.alpha"} <= keys
