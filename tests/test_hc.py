@@ -3,8 +3,11 @@ the gain metrics and the HF round trip."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from r1.model.config import PRESETS
 from r1.model.hc import HyperConnection, hc_metrics, sinkhorn
@@ -144,12 +147,17 @@ def test_breaking_the_condition_changes_the_function(mode, breaks):
         assert diff > 1e-3
 
 
+def loss(model, ids):
+    out = model(ids)  # in training mode: the MTP depths run too
+    return sum(model.lm_head(h).logsumexp(-1).mean() for h in [out.hidden, *out.mtp_hidden])
+
+
 @pytest.mark.parametrize("mode", ["hc", "mhc"])
 def test_gradients_reach_every_hc_parameter(mode):
     torch.manual_seed(0)
     model = V3ForCausalLM(tiny(residual=mode)).train()
     ids = torch.randint(0, 256, (2, 16))
-    model.logits(ids).logsumexp(-1).mean().backward()
+    loss(model, ids).backward()
     for name, p in model.named_parameters():
         if name.endswith(("phi", "b_pre", "b_post", "b_res")):  # phi reaches the loss through alpha = 0.01
             assert p.grad is not None and p.grad.abs().max() > 0, name
@@ -160,7 +168,7 @@ def test_gradients_reach_every_hc_parameter(mode):
             if isinstance(m, HyperConnection):
                 m.phi.normal_()
     model.zero_grad()
-    model.logits(ids).logsumexp(-1).mean().backward()
+    loss(model, ids).backward()
     assert all(p.grad.abs().max() > 0 for name, p in model.named_parameters() if "_hc." in name)
 
 
@@ -202,16 +210,26 @@ def test_hf_round_trip(tmp_path, mode):
             if "_hc." in name:
                 p.add_(0.1 * torch.randn_like(p))
     save_hf(model, tmp_path)
-    import json
-
     assert json.loads((tmp_path / "config.json").read_text())["residual"] == mode
     back = load_hf(tmp_path).eval()  # strict: every HC parameter is in the checkpoint
     assert back.config.residual == mode
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert torch.equal(model.logits(ids), back.logits(ids))
-    from safetensors import safe_open
-
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())
     assert {"model.layers.0.attn_hc.phi", "model.layers.2.mlp_hc.b_res", "model.layers.1.attn_hc.alpha"} <= keys
+
+
+def test_transformers_loads_an_mhc_checkpoint_as_the_standard_model(tmp_path):
+    """transformers skips the HC keys (as unexpected) and, at init (phi = 0), computes the same logits."""
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging
+
+    std, model = _pair("mhc")
+    save_hf(model, tmp_path)
+    logging.set_verbosity_error()
+    ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert (ref(ids).logits - model.logits(ids)).abs().max() < 1e-5
