@@ -7,7 +7,7 @@ The three models step in turn, rotating the order each step, so that load on the
 alike; ms/step is the median over the steps after the first 3. Reports the final loss (mean of the last
 5 steps), the largest composite forward / backward gain of H_res seen over training (hc_metrics), and
 mhc's / hc's step-time overhead over standard.
-Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N]
+Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N] [--hidden 256]
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size (the other dims as in the preset)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = PRESETS["bench"].replace(vocab_size=512, num_nextn_predict_layers=0)
+    base = PRESETS["bench"].replace(vocab_size=512, num_nextn_predict_layers=0, hidden_size=args.hidden)
     data = markov_batches(base.vocab_size, args.steps, args.batch, args.seq, seed=0)
     models, opts = {}, {}
     for mode in MODES:

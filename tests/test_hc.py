@@ -233,3 +233,19 @@ def test_transformers_loads_an_mhc_checkpoint_as_the_standard_model(tmp_path):
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert (ref(ids).logits - model.logits(ids)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+def test_bf16_with_gradient_checkpointing(mode):
+    """A bf16 model (HC parameters too): H is computed in fp32, grads are finite and match fp32 roughly."""
+    torch.manual_seed(0)
+    model = V3ForCausalLM(tiny(residual=mode)).train()
+    ids = torch.randint(0, 256, (2, 16))
+    ref = loss(model, ids).item()
+    model = model.to(torch.bfloat16)
+    model.gradient_checkpointing = True
+    out = loss(model, ids)
+    out.backward()
+    assert abs(out.item() - ref) < 0.05 * abs(ref)
+    grads = [p.grad for name, p in model.named_parameters() if name.endswith("phi")]
+    assert grads and all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)

@@ -169,7 +169,7 @@ class HyperConnection(nn.Module):
         # Computed transposed, tokens last ([2n + n^2, N]): the n-sums of Sinkhorn then add contiguous
         # N-vectors, ~3x faster than reducing rows of 4.
         inv_rms = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1).square() / xf.shape[-1] + self.eps)
-        dyn = ((self.norm_weight.unsqueeze(-1) * self.phi).T @ xf.T) * inv_rms
+        dyn = ((self.norm_weight.unsqueeze(-1) * self.phi).float().T @ xf.T) * inv_rms
         if self.mode == "hc":
             dyn = dyn.tanh()
         pre = self.b_pre.unsqueeze(-1) + self.alpha[0] * dyn[:n]
