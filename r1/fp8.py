@@ -1,0 +1,403 @@
+"""FP8 training with DeepSeek-V3's blockwise recipe (arXiv 2412.19437, section 3.3), on GPU and emulated.
+
+All three GEMMs of a linear y = x W^T run on E4M3 operands with fp32 accumulation:
+  forward  y  [M, N] = x  [M, K] . W [N, K]^T   x: 1x128 tiles along K,  W: 128x128 blocks
+  dgrad    dx [M, K] = dy [M, N] . W^T[K, N]^T  dy: 1x128 tiles along N, W: the same 128x128 blocks (square
+                                                blocks, so W's transpose reuses the forward's scales)
+  wgrad    dW [N, K] = dy^T[N, M] . x^T[K, M]^T dy and x: 128x1 tiles along the tokens M (the contraction
+                                                dim); x is re-quantised from the fp8 copy saved in the
+                                                forward pass, as V3 does ("dequantised, transposed,
+                                                re-quantised into 128x1 tiles"), dy from its bf16/fp32 value.
+Scales come from the live amax of each tile: s = amax / 448 (optionally rounded up to a power of two),
+q = cast_e4m3(x / s). Every GEMM is one "NT" product of a 1x128-scaled A and a B scaled per 1x128 row tile
+or per 128x128 block, with the scales applied per K-block as DeepSeek's reference kernel does:
+  y[m, n] = sum_k (A_q[m, k-block] . B_q[n, k-block]) * s_A[m, k] * s_B[n or n//128, k]
+The backends differ only in who computes that sum: `emulated_exact` (any device; that loop over K-blocks,
+bit for bit), `emulated` (any device; scales folded into the operands, one fp32 matmul: equal up to fp32
+rounding, the CPU default) or `scaled_mm` (Hopper; torch's blockwise-scaled cuBLAS FP8 GEMM).
+Quantisation is shared torch code.
+
+Dimensions that are not multiples of 128 are zero-padded (zeros change neither amax nor products) and
+the outputs sliced back. Master weights stay fp32 (`.weight` is still the nn.Parameter, so code that
+reads it, like MLA's absorbed decode path, keeps working); the fp8 copy is cached and re-made only when
+the master changes (its autograd version counter moves: optimizer steps, copy_, load_state_dict).
+Activations are saved for backward in fp8 (1 byte + one fp32 scale per 128) instead of bf16/fp32.
+
+Shape legend: M tokens (rows), K contraction, N outputs, E experts, Kb = K/128 blocks, p suffix = padded.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from r1.model.model import GroupedExperts
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
+# nn.Linear leaf names that run in FP8: MLA projections, dense / shared-expert MLPs (and Llama-style k/v).
+# Everything else stays high precision: embed_tokens, lm_head, the router (mlp.gate), norms, eh_proj
+# unless asked for (it mixes two normed streams once per MTP depth: cheap, and DeepSeek keeps it bf16).
+LINEAR_TARGETS = frozenset({"q_proj", "q_a_proj", "q_b_proj", "k_proj", "v_proj", "kv_a_proj_with_mqa",
+                            "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    block: int = 128  # tile length (activations 1 x block, weights block x block)
+    pow2_scales: bool = False  # round s up to a power of two: dequantisation becomes exact exponent arithmetic
+    backend: str = "auto"  # "auto" or a key of BACKENDS
+    experts: bool = True  # routed experts (GroupedExperts) in FP8
+    eh_proj: bool = False  # MTP's projection too
+    # keep each linear's input for backward as its fp8 forward copy (V3; 1 byte/element) or as given (wgrad
+    # then quantises x once instead of twice: ~3.6% instead of ~4.4% relative error, at 2-4x the memory)
+    fp8_activations: bool = True
+    targets: frozenset[str] = LINEAR_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"unknown FP8 backend {self.backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+        if self.block <= 0 or self.block % 16:
+            raise ValueError(f"block must be a positive multiple of 16, got {self.block}")
+
+
+# ---------------------------------------------------------------------------------------------- quantisation
+def _ceil_pow2(s: Tensor) -> Tensor:
+    """Smallest power of two >= s (exact: from frexp, never log2 rounding)."""
+    mant, exp = torch.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1)
+    return torch.ldexp(torch.ones_like(s), exp - (mant == 0.5).to(exp.dtype))
+
+
+def quantize(x: Tensor, rows: int, block: int = 128, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """x [..., M, K] -> (q [..., Mp, Kp] e4m3, s [..., Mp/rows, Kp/block] fp32), one scale per rows x block tile
+    (rows=1: activation tiles along K; rows=block: weight blocks). s = amax / 448, q = x / s; M and K are
+    zero-padded to the tile grid. x ~= q * s (see `dequantize`)."""
+    *lead, M, K = x.shape
+    pm, pk = -M % rows, -K % block
+    xp = F.pad(x.float(), (0, pk, 0, pm)) if pm or pk else x.float()
+    Mt, Kt = (M + pm) // rows, (K + pk) // block
+    tiles = xp.reshape(*lead, Mt, rows, Kt, block)
+    # amax floor: an all-zero tile gets a tiny finite scale (q = 0) instead of 0/0.
+    s = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / E4M3_MAX
+    if pow2:
+        s = _ceil_pow2(s)
+    # clamp: x / s can land a rounding step above 448, which e4m3fn (no inf) would turn into NaN
+    q = (tiles / s[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q.reshape(*lead, M + pm, K + pk), s
+
+
+def dequantize(q: Tensor, s: Tensor, rows: int, block: int = 128) -> Tensor:
+    """Inverse of `quantize` on the padded grid: q [..., Mp, Kp] * s broadcast over its tiles -> fp32."""
+    *lead, M, K = q.shape
+    tiles = q.float().view(*lead, M // rows, rows, K // block, block) * s[..., :, None, :, None]
+    return tiles.view(*lead, M, K)
+
+
+def quantize_fp8(w: Tensor, block: int = 128, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """DeepSeek's FP8 checkpoint format: w [M, N] -> (w_fp8 [M, N], weight_scale_inv [ceil(M/b), ceil(N/b)])."""
+    q, s = quantize(w, block, block, pow2)
+    return q[: w.shape[0], : w.shape[1]].contiguous(), s
+
+
+def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int = 128) -> Tensor:
+    """w_fp8 [M, N] with one scale per block x block tile (the last tiles may be partial) -> fp32."""
+    M, N = w.shape
+    return w.float() * scale_inv.float().repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
+
+
+# ---------------------------------------------------------------------------------------------- GEMM backends
+Gemm = Callable[[Tensor, Tensor, Tensor, Tensor, bool, torch.dtype], Tensor]
+
+
+def gemm_emulated_exact(a_q: Tensor, a_s: Tensor, b_q: Tensor, b_s: Tensor, b_blocked: bool,
+                        out_dtype: torch.dtype) -> Tensor:
+    """y [M, N] = A [M, Kp] . B [N, Kp]^T with DeepSeek's per-K-block scaling, in fp32:
+    acc += (A_k . B_k^T) * s_A[:, k] * s_B[:, k] for each 128-wide block k (as inference/kernel.py's
+    fp8_gemm: products of e4m3 values are exact in fp32; the scales multiply each block's partial sum).
+    a_s [M, Kb]; b_s [N, Kb] (1x128 rows) or [Nb, Kb] (128x128 blocks, b_blocked). One small matmul and
+    three passes over [M, N] per K-block: the reference, too slow to train with on a CPU."""
+    M, Kp = a_q.shape
+    N, Kb = b_q.shape[0], a_s.shape[1]
+    blk = Kp // Kb
+    sb_NKb = b_s.repeat_interleave(blk, 0)[:N] if b_blocked else b_s
+    a_MKb, b_NKb = a_q.float().view(M, Kb, blk), b_q.float().view(N, Kb, blk)
+    acc_MN = a_q.new_zeros(M, N, dtype=torch.float32)
+    for k in range(Kb):
+        acc_MN += (a_MKb[:, k] @ b_NKb[:, k].T) * a_s[:, k, None] * sb_NKb[None, :, k]
+    return acc_MN.to(out_dtype)
+
+
+def gemm_emulated(a_q: Tensor, a_s: Tensor, b_q: Tensor, b_s: Tensor, b_blocked: bool,
+                  out_dtype: torch.dtype) -> Tensor:
+    """The same sum as `gemm_emulated_exact` with the scales folded into the operands first:
+    y = (q_A * s_A) . (q_B * s_B)^T, one fp32 matmul. Equal up to fp32 rounding of the scaled operands
+    (~1e-7 relative; tests/test_fp8.py checks both), and many times faster on a CPU."""
+    blk = a_q.shape[1] // a_s.shape[1]
+    b = dequantize(b_q, b_s, blk if b_blocked else 1, blk)
+    return (dequantize(a_q, a_s, 1, blk) @ b.T).to(out_dtype)
+
+
+def gemm_scaled_mm(a_q: Tensor, a_s: Tensor, b_q: Tensor, b_s: Tensor, b_blocked: bool,
+                   out_dtype: torch.dtype) -> Tensor:
+    """The same product on Hopper with torch.nn.functional.scaled_mm (cuBLASLt blockwise FP8, CUDA >= 12.9).
+    Layouts as torch's own checks require: mat_b column-major; 1x128 scales [rows, Kb] with stride (1, rows);
+    128x128 scales [L4, Nb] with stride (1, L4), L4 = Kb rounded up to 4. Accumulation stays fp32
+    (use_fast_accum=False: cuBLAS promotes partial sums, the fix V3 made for Hopper's narrow accumulator).
+    UNTESTED here (no GPU in the CI); kept behind `pick_backend`'s probe, which falls back to emulation."""
+    ST, SW = F.ScalingType, F.SwizzleType
+    Kb = a_s.shape[1]
+    sa = a_s.t().contiguous().t()
+    if b_blocked:
+        L4 = -(-Kb // 4) * 4
+        sb, rb = F.pad(b_s, (0, L4 - Kb), value=1.0).contiguous().t(), ST.BlockWise128x128
+    else:
+        sb, rb = b_s.t().contiguous().t(), ST.BlockWise1x128
+    return F.scaled_mm(a_q, b_q.t(), sa, ST.BlockWise1x128, sb, rb, swizzle_a=SW.NO_SWIZZLE,
+                       swizzle_b=SW.NO_SWIZZLE, output_dtype=out_dtype, use_fast_accum=False)
+
+
+BACKENDS: dict[str, Gemm] = {"emulated": gemm_emulated, "emulated_exact": gemm_emulated_exact,
+                             "scaled_mm": gemm_scaled_mm}
+
+
+@functools.cache
+def _scaled_mm_works(device: torch.device) -> bool:
+    """Hopper (sm90; cuBLASLt's blockwise path is sm90-only), a torch with F.scaled_mm, and one real call of
+    each of the three recipes checked against the emulation (catches unsupported layouts or dtypes)."""
+    if device.type != "cuda" or not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(256, 256, device=device, generator=g) for _ in range(2))
+        aq, as_ = quantize(a, 1)
+        for (bq, bs), blocked in ((quantize(b, 128), True), (quantize(b, 1), False)):
+            for dt in (torch.bfloat16, torch.float32):
+                y, ref = gemm_scaled_mm(aq, as_, bq, bs, blocked, dt), gemm_emulated(aq, as_, bq, bs, blocked, dt)
+                if not torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=1e-2 * ref.abs().max().item()):
+                    return False
+        return True
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        return False
+
+
+def pick_backend(device: torch.device | str, requested: str = "auto") -> str:
+    """'scaled_mm' on a Hopper GPU where it works, else 'emulated' (CPU, older GPUs, older torch)."""
+    if requested != "auto":
+        return requested
+    return "scaled_mm" if _scaled_mm_works(torch.device(device)) else "emulated"
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+class _Fp8GroupedMM(torch.autograd.Function):
+    """y [M, N] = x [M, K] . W_e^T for row group e (`splits` rows each; one group = a plain linear).
+    Takes the master W [E, N, K] (for its gradient) and its cached quantisation wq [E, Np, Kp], sw [E, Nb, Kb]."""
+
+    @staticmethod
+    def forward(ctx, x_MK: Tensor, w_ENK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int],
+                cfg: Fp8Config, gemm: Gemm) -> Tensor:
+        K, N, b = x_MK.shape[1], w_ENK.shape[1], cfg.block
+        xq_MK, sx_MK = quantize(x_MK, 1, b, cfg.pow2_scales)
+        ys = [gemm(xq, sx, wq_ENK[e], sw_ENK[e], True, x_MK.dtype)[:, :N]
+              for e, (xq, sx) in enumerate(zip(xq_MK.split(splits), sx_MK.split(splits), strict=True)) if xq.shape[0]]
+        keep = (xq_MK, sx_MK, None) if cfg.fp8_activations else (None, None, x_MK)  # fp8: the memory saving
+        ctx.save_for_backward(*keep, wq_ENK, sw_ENK)
+        ctx.splits, ctx.cfg, ctx.gemm, ctx.meta = splits, cfg, gemm, (K, N, x_MK.dtype, w_ENK.dtype)
+        return torch.cat(ys) if ys else x_MK.new_zeros(0, N)
+
+    @staticmethod
+    def backward(ctx, dy_MN: Tensor):
+        xq_MK, sx_MK, x_MK, wq_ENK, sw_ENK = ctx.saved_tensors
+        K, N, x_dtype, w_dtype = ctx.meta
+        cfg, gemm, splits, b = ctx.cfg, ctx.gemm, ctx.splits, ctx.cfg.block
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dyq, sdy = quantize(dy_MN, 1, b, cfg.pow2_scales)  # 1x128 along N, the dgrad contraction dim
+            wqT, swT = wq_ENK.transpose(-2, -1).contiguous(), sw_ENK.transpose(-2, -1)
+            dxs = [gemm(q, s, wqT[e], swT[e], True, x_dtype)[:, :K]
+                   for e, (q, s) in enumerate(zip(dyq.split(splits), sdy.split(splits), strict=True)) if q.shape[0]]
+            dx = torch.cat(dxs) if dxs else dy_MN.new_zeros(0, K, dtype=x_dtype)
+        if ctx.needs_input_grad[1]:
+            x_MK = dequantize(xq_MK, sx_MK, 1, b) if x_MK is None else x_MK
+            dw = torch.zeros(len(splits), N, K, dtype=w_dtype, device=dy_MN.device)
+            for e, (x_e, dy_e) in enumerate(zip(x_MK.split(splits), dy_MN.split(splits), strict=True)):
+                if not x_e.shape[0]:
+                    continue
+                # 128x1 tiles along the tokens, the wgrad contraction dim (padded to 128 with zero tokens)
+                dyq, sdy = quantize(dy_e.t(), 1, b, cfg.pow2_scales)
+                xq, sx = quantize(x_e.t(), 1, b, cfg.pow2_scales)
+                dw[e] = gemm(dyq, sdy, xq, sx, False, torch.float32)[:N, :K]
+        return dx, dw, None, None, None, None, None
+
+
+class _WeightCache:
+    """The fp8 copy of one master weight, re-made when the master's (version, storage) changes."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int] | None = None
+        self.q: Tensor | None = None
+        self.s: Tensor | None = None
+
+    def get(self, w: Tensor, cfg: Fp8Config) -> tuple[Tensor, Tensor]:
+        key = (w._version, w.data_ptr())
+        if key != self.key:
+            with torch.no_grad():
+                self.q, self.s = quantize(w.detach(), cfg.block, cfg.block, cfg.pow2_scales)
+            self.key = key
+        return self.q, self.s
+
+    def set(self, w: Tensor, q: Tensor, s: Tensor, block: int) -> None:
+        """Adopt checkpoint fp8 bytes (q [..., N, K] unpadded, s = weight_scale_inv) as they are."""
+        N, K = q.shape[-2:]
+        self.q = F.pad(q.view(torch.uint8), (0, -K % block, 0, -N % block)).view(E4M3)
+        self.s, self.key = s.float().to(q.device), (w._version, w.data_ptr())
+
+
+def _gemm_for(x: Tensor, cfg: Fp8Config) -> Gemm:
+    return BACKENDS[pick_backend(x.device, cfg.backend)]
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose forward, dgrad and wgrad GEMMs run in E4M3 (module docstring). `weight` stays the fp32
+    master nn.Parameter (same name, same object as the converted layer's: optimizers and checkpoints see no
+    difference)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, cfg: Fp8Config | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.cfg = cfg or Fp8Config()
+        self._cache = _WeightCache()
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, cfg: Fp8Config) -> Fp8Linear:
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, cfg, device="meta")
+        m.weight, m.bias = lin.weight, lin.bias
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        wq, sw = self._cache.get(self.weight, self.cfg)
+        x_MK = x.reshape(-1, self.in_features)
+        y = _Fp8GroupedMM.apply(x_MK, self.weight.unsqueeze(0), wq.unsqueeze(0), sw.unsqueeze(0), [x_MK.shape[0]],
+                                self.cfg, _gemm_for(x, self.cfg))
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def load_fp8_(self, w_fp8: Tensor, scale_inv: Tensor) -> None:
+        """A checkpoint's fp8 weight + weight_scale_inv: the master gets the dequantised value, the GEMMs use
+        the checkpoint's bytes and scales unchanged until the master is next updated."""
+        _check_block(scale_inv, w_fp8.shape, self.cfg.block)
+        self.weight.copy_(dequantize_fp8(w_fp8, scale_inv, self.cfg.block))
+        self._cache.set(self.weight, w_fp8, scale_inv, self.cfg.block)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8 block={self.cfg.block}, pow2={self.cfg.pow2_scales}"
+
+
+class Fp8GroupedExperts(GroupedExperts):
+    """Routed experts in FP8: one blockwise GEMM per expert's contiguous token slice (never per token),
+    same parameters (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as the GroupedExperts it replaces."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, cfg: Fp8Config | None = None):
+        super().__init__(n_experts, dim, hidden)
+        self.cfg = cfg or Fp8Config()
+        self._caches = {"gate_up_proj": _WeightCache(), "down_proj": _WeightCache()}
+
+    @classmethod
+    def from_experts(cls, ex: GroupedExperts, cfg: Fp8Config) -> Fp8GroupedExperts:
+        E, twoI, D = ex.gate_up_proj.shape
+        with torch.device("meta"):
+            m = cls(E, D, twoI // 2, cfg)
+        m.gate_up_proj, m.down_proj = ex.gate_up_proj, ex.down_proj
+        return m
+
+    def _mm(self, x_NX: Tensor, name: str, splits: list[int]) -> Tensor:
+        w_EYX = getattr(self, name)
+        wq, sw = self._caches[name].get(w_EYX, self.cfg)
+        return _Fp8GroupedMM.apply(x_NX, w_EYX, wq, sw, splits, self.cfg, _gemm_for(x_NX, self.cfg))
+
+    def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
+        splits = counts_E.tolist()  # one host sync per layer, as the non-grouped fallback
+        gate, up = self._mm(x_NsD, "gate_up_proj", splits).chunk(2, dim=-1)
+        return self._mm(F.silu(gate) * up, "down_proj", splits)
+
+
+def _check_block(scale_inv: Tensor, shape: torch.Size, block: int) -> None:
+    want = tuple(-(-d // block) for d in shape[-2:])
+    if tuple(scale_inv.shape[-2:]) != want:
+        raise ValueError(f"weight_scale_inv {tuple(scale_inv.shape)} does not match {block}x{block} blocks of a "
+                         f"{tuple(shape)} weight (expected {want}); the checkpoint uses another block size")
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None) -> nn.Module:
+    """In place: nn.Linear layers whose leaf name is in config.targets -> Fp8Linear, GroupedExperts ->
+    Fp8GroupedExperts. Never touched: embeddings, lm_head, the router (mlp.gate), norms; eh_proj on request.
+    Parameters are reused, not copied, so call it before or after building the optimizer alike."""
+    cfg = config or Fp8Config()
+    targets = cfg.targets | ({"eh_proj"} if cfg.eh_proj else set())
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and name in targets:
+                swaps.append((parent, name, Fp8Linear.from_linear(child, cfg)))
+            elif type(child) is GroupedExperts and cfg.experts:
+                swaps.append((parent, name, Fp8GroupedExperts.from_experts(child, cfg)))
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    return model
+
+
+def fp8_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, Fp8Linear | Fp8GroupedExperts)]
+
+
+def load_fp8_weights(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> int:
+    """After `r1.model.hf.load_state` has filled the fp32 masters: adopt the checkpoint's fp8 weights
+    (HF names, with `weight_scale_inv`) as the converted layers' fp8 copies, bytes and scales unchanged.
+    Routed experts are adopted when every expert's gate/up/down is fp8 and I is a multiple of the block.
+    Returns the number of layers adopted (the rest re-quantise from the master as usual)."""
+    from r1.model.hf import hf_to_native
+
+    c = model.config
+    pending = dict(tensors)
+    scales = {k.removesuffix("_scale_inv"): v for k, v in pending.items() if k.endswith("weight_scale_inv")}
+    mods = dict(model.named_modules())
+    experts: dict[str, dict[tuple[int, str], tuple[Tensor, Tensor]]] = {}
+    adopted = 0
+    for hf_name, t in pending.items():
+        if t.dtype != E4M3 or hf_name not in scales:
+            continue
+        mapped = hf_to_native(hf_name, c)
+        if mapped is None:
+            continue
+        name, j, part = mapped
+        if j is not None:
+            experts.setdefault(name, {})[(j, part)] = (t, scales[hf_name])
+            continue
+        mod = mods.get(name.removesuffix(".weight"))
+        if isinstance(mod, Fp8Linear):
+            mod.load_fp8_(t, scales[hf_name])
+            adopted += 1
+    for name, parts in experts.items():
+        mod = mods.get(name)
+        if not isinstance(mod, Fp8GroupedExperts) or len(parts) != 3 * mod.gate_up_proj.shape[0]:
+            continue
+        b, E = mod.cfg.block, mod.gate_up_proj.shape[0]
+        if (mod.gate_up_proj.shape[1] // 2) % b:
+            continue  # gate and up blocks would not tile the stacked [2I, D] grid
+        with torch.no_grad():
+            for pname, keys in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+                q = torch.stack([torch.cat([parts[(j, k)][0] for k in keys]) for j in range(E)])
+                s = torch.stack([torch.cat([parts[(j, k)][1] for k in keys]) for j in range(E)])
+                _check_block(s, q.shape, b)
+                w = getattr(mod, pname)
+                w.copy_(torch.stack([dequantize_fp8(q[j], s[j], b) for j in range(E)]))
+                mod._caches[pname].set(w, q, s, b)
+        adopted += 1
+    return adopted

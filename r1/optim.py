@@ -1,0 +1,73 @@
+"""AdamW with low-precision moments (DeepSeek-V3 keeps AdamW's first and second moments in BF16).
+
+Per step, in fp32: m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + lr * wd * p   (decoupled decay).
+Only the stored m, v are `moment_dtype`. Why stochastic rounding: bf16 keeps 8 significant bits, so
+v * b2 with b2 = 0.999 is within half an ulp of v and round-to-nearest writes v back unchanged: v would
+never decay after a gradient spike. Rounding up or down at random, with probability given by the distance,
+keeps E[stored] equal to the fp32 value, so the decay survives on average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def round_stochastic(x: Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> Tensor:
+    """fp32 -> bf16 rounding up or down with probability proportional to the distance (unbiased).
+    Adds uniform noise below bf16's last kept bit of the fp32 pattern, then truncates those 16 bits."""
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low 16 bits are zero
+
+
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW's update with m and v stored in `moment_dtype` (bf16 halves the optimizer state:
+    4 bytes per parameter instead of 8). With moment_dtype=float32 it matches torch.optim.AdamW."""
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 moment_dtype: torch.dtype = torch.bfloat16, stochastic_rounding: bool = True, seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.moment_dtype, self.stochastic_rounding, self.seed = moment_dtype, stochastic_rounding, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _store(self, x: Tensor) -> Tensor:
+        if not self.stochastic_rounding:
+            return x.to(self.moment_dtype)
+        gen = self._generators.get(x.device)
+        if gen is None:  # own generator: the optimizer must not shift the model's random streams
+            gen = self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
+        return round_stochastic(x, self.moment_dtype, gen)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                st["step"] += 1
+                t, g = st["step"], p.grad.float()
+                m = st["exp_avg"].float().lerp_(g, 1 - b1)
+                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["exp_avg"].copy_(self._store(m))
+                st["exp_avg_sq"].copy_(self._store(v))
+                denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+                p.mul_(1 - lr * wd)
+                p.add_((m / (1 - b1**t) / denom).to(p.dtype), alpha=-lr)
+        return loss
