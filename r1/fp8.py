@@ -19,8 +19,9 @@ Quantisation is shared torch code.
 
 Dimensions that are not multiples of 128 are zero-padded (zeros change neither amax nor products) and
 the outputs sliced back. Master weights stay fp32 (`.weight` is still the nn.Parameter, so code that
-reads it, like MLA's absorbed decode path, keeps working); the fp8 copy is cached and re-made only when
-the master changes (its autograd version counter moves: optimizer steps, copy_, load_state_dict).
+reads it, like MLA's absorbed decode path, keeps working). A trainable master is re-quantised every
+forward (fused optimizers update it without a version bump); a frozen one's fp8 copy is cached until it
+changes (copy_, load_state_dict), so checkpoint fp8 weights serve frozen reference/rollout copies as they are.
 Activations are saved for backward in fp8 (1 byte + one fp32 scale per 128) instead of bf16/fp32.
 
 Shape legend: M tokens (rows), K contraction, N outputs, E experts, Kb = K/128 blocks, p suffix = padded.
@@ -235,7 +236,10 @@ class _Fp8GroupedMM(torch.autograd.Function):
 
 
 class _WeightCache:
-    """The fp8 copy of one master weight, re-made when the master's (version, storage) changes."""
+    """The fp8 copy of one master weight. A frozen master's copy (reference model, checkpoint fp8 weights) is
+    kept until the master's (version, storage) changes. A trainable master is re-quantised on every forward:
+    fused optimizers (AdamW(fused=True)) update in place without bumping the version counter, so a cached
+    copy could silently go stale; the backward still reuses the forward's copy."""
 
     def __init__(self) -> None:
         self.key: tuple[int, int] | None = None
@@ -244,7 +248,7 @@ class _WeightCache:
 
     def get(self, w: Tensor, cfg: Fp8Config) -> tuple[Tensor, Tensor]:
         key = (w._version, w.data_ptr())
-        if key != self.key:
+        if w.requires_grad or key != self.key:
             with torch.no_grad():
                 self.q, self.s = quantize(w.detach(), cfg.block, cfg.block, cfg.pow2_scales)
             self.key = key
@@ -289,8 +293,8 @@ class Fp8Linear(nn.Linear):
 
     @torch.no_grad()
     def load_fp8_(self, w_fp8: Tensor, scale_inv: Tensor) -> None:
-        """A checkpoint's fp8 weight + weight_scale_inv: the master gets the dequantised value, the GEMMs use
-        the checkpoint's bytes and scales unchanged until the master is next updated."""
+        """A checkpoint's fp8 weight + weight_scale_inv: the master gets the dequantised value; while the
+        weight is frozen (requires_grad False) the GEMMs use the checkpoint's bytes and scales unchanged."""
         _check_block(scale_inv, w_fp8.shape, self.cfg.block)
         self.weight.copy_(dequantize_fp8(w_fp8, scale_inv, self.cfg.block))
         self._cache.set(self.weight, w_fp8, scale_inv, self.cfg.block)
@@ -359,7 +363,8 @@ def fp8_modules(model: nn.Module) -> list[nn.Module]:
 
 def load_fp8_weights(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> int:
     """After `r1.model.hf.load_state` has filled the fp32 masters: adopt the checkpoint's fp8 weights
-    (HF names, with `weight_scale_inv`) as the converted layers' fp8 copies, bytes and scales unchanged.
+    (HF names, with `weight_scale_inv`) as the converted layers' fp8 copies, bytes and scales unchanged, used
+    as long as the layer is frozen (reference / rollout copies); trainable layers re-quantise their master.
     Routed experts are adopted when every expert's gate/up/down is fp8 and I is a multiple of the block.
     Returns the number of layers adopted (the rest re-quantise from the master as usual)."""
     from r1.model.hf import hf_to_native

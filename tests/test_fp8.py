@@ -278,16 +278,25 @@ def test_convert_recipe_and_decode_path():
 
 
 def test_weight_cache_follows_the_master():
+    """Trainable: re-quantised every forward, so a fused AdamW step (which leaves the version counter alone)
+    is seen. Frozen: quantised once, re-made only when the master changes."""
     lin = Fp8Linear(256, 256, bias=True)
     x = torch.randn(4, 256)
     lin(x).sum().backward()
+    v = lin.weight._version
+    torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True).step()
+    assert lin.weight._version == v  # the hazard: no version bump
+    lin(x)
+    assert torch.equal(lin._cache.q.view(torch.uint8), quantize(lin.weight.detach(), 128)[0].view(torch.uint8))
+    lin.requires_grad_(False)
+    lin(x)
     q0 = lin._cache.q
     lin(x)
-    assert lin._cache.q is q0  # unchanged master: no re-quantisation
-    torch.optim.SGD(lin.parameters(), lr=1.0).step()
+    assert lin._cache.q is q0  # frozen and unchanged: no re-quantisation
+    with torch.no_grad():
+        lin.weight.mul_(2)
     lin(x)
-    assert lin._cache.q is not q0
-    assert torch.equal(lin._cache.q.view(torch.uint8), quantize(lin.weight.detach(), 128)[0].view(torch.uint8))
+    assert lin._cache.q is not q0 and torch.equal(lin._cache.s, 2 * quantize(lin.weight / 2, 128)[1])
 
 
 def test_checkpoint_fp8_weights_used_as_they_are():
@@ -305,7 +314,9 @@ def test_checkpoint_fp8_weights_used_as_they_are():
                 tensors[hf_name] = ht
     m = convert_to_fp8(V3ForCausalLM(c))
     hf_io.load_state(tensors.items(), m)
+    m.requires_grad_(False)  # a frozen copy (reference policy, rollouts) keeps the checkpoint bytes
     assert load_fp8_weights(m, tensors.items()) == len(fp8_modules(m))
+    m.logits(torch.randint(0, c.vocab_size, (1, 8)))  # a forward pass does not replace them
     kv = m.layers[1].self_attn.kv_b_proj
     hf_kv = "model.layers.1.self_attn.kv_b_proj.weight"
     N, K = tensors[hf_kv].shape  # the cached copy is zero-padded to the 128 grid (K = 64 here)
