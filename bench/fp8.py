@@ -31,20 +31,21 @@ from r1.model.model import MoE  # noqa: E402
 def saved_activation_bytes(module: torch.nn.Module, step: Callable[[], torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd saves for backward during `step`'s forward, except the
     parameters and the cached fp8 weights (those exist with or without autograd)."""
-    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    for m in fp8_modules(module):
-        for c in getattr(m, "_caches", {}).values() or [m._cache]:
-            skip |= {t.untyped_storage().data_ptr() for t in (c.q, c.s) if t is not None}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = step()
+    # after the forward: the fp8 weight copies it made are the ones now cached
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    for m in fp8_modules(module):
+        for c in getattr(m, "_caches", {}).values() or [m._cache]:
+            skip |= {t.untyped_storage().data_ptr() for t in (c.q, c.s) if t is not None}
+    for ptr in skip:
+        seen.pop(ptr, None)
     out.float().sum().backward()
     return sum(seen.values())
 
