@@ -18,10 +18,10 @@ def _chunk_stats(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, temperature
     logits = (h_ND @ weight_VD.T).float()
     if temperature != 1.0:
         logits = logits / temperature
-    logz = logits.logsumexp(-1)
-    logp = logits.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1) - logz
+    # cross_entropy fuses log-softmax and the gather, and its backward is one pass (softmax - onehot)
+    logp = -F.cross_entropy(logits, targets_N, reduction="none")
     if with_entropy:
-        ent = logz - (logits.softmax(-1) * logits).sum(-1)
+        ent = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
     else:
         ent = torch.zeros_like(logp)
     return logp, ent
