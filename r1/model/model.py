@@ -337,7 +337,7 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
-        self.block = Block(c.replace(residual="standard"), layer_idx)
+        self.block = Block(c, layer_idx)  # with HC, on its own n streams (expanded from eh_proj's output)
         self.shared_head_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
@@ -427,8 +427,12 @@ class V3ForCausalLM(nn.Module):
                 hk = m.eh_proj(torch.cat([m.enorm(emb), m.hnorm(prev[:, :-1])], dim=-1))
                 sub_mask = None if mask is None else mask[..., k:, k:]
                 cos, sin = rope
+                if self.config.residual != "standard":
+                    hk = expand_streams(hk, self.config.hc_streams)
                 hk, a = m.block(hk, (cos[:, :, k:], sin[:, :, k:]), sub_mask, None,
                                 None if valid is None else valid[:, k:])
+                if self.config.residual != "standard":
+                    hk = merge_streams(hk)
                 aux = aux + a
                 prev = hk
                 mtp_hidden.append(m.shared_head_norm(hk))

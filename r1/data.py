@@ -1,0 +1,87 @@
+"""Prompt datasets and templates.
+
+- `load_rows(source, split)`: a local JSON/JSONL/Parquet file or a hub dataset name, through the
+  `datasets` library; a missing column is one error naming it and the columns that exist.
+- `TEMPLATES`: R1-Zero's conversation template and a plain one, by name.
+- The smoke task: multi-step integer arithmetic ("(3+4)*2-5"), generated from a seed. Its SFT
+  targets show the steps inside <think> and the value inside <answer>, so the math reward can check
+  them. Held-out problems come from a disjoint seed range.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+TEMPLATES: dict[str, str] = {
+    "r1_zero": ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+                "The assistant first thinks about the reasoning process in the mind and then provides the user "
+                "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+                "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+                "<answer> answer here </answer>. User: {prompt}. Assistant:"),
+    "plain": "{prompt}",
+    "smoke": "{prompt}=",
+}
+
+
+def render(template: str, prompt: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[template].format(prompt=prompt)
+
+
+def load_rows(source: str, split: str = "train", columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows from a local file (json/jsonl/parquet/csv) or a hub dataset, checked for `columns`."""
+    import datasets
+
+    path = Path(source)
+    if path.exists():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"{source}: unsupported file type {path.suffix!r} (jsonl, json, parquet, csv)")
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    elif "/" in source and not source.startswith((".", "/")):
+        ds = datasets.load_dataset(source, split=split)
+    else:
+        raise FileNotFoundError(f"dataset {source!r} is neither a local file nor a hub name (owner/name)")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset {source} has no column {', '.join(map(repr, missing))}; "
+                         f"its columns: {', '.join(ds.column_names)}")
+    return [dict(r) for r in ds]
+
+
+# ---------------------------------------------------------------------------------------------- smoke task
+def _expr(rng: random.Random, steps: int) -> tuple[str, list[str], int]:
+    """A left-to-right chain a op b op c ...; each step's partial value is recorded for the trace."""
+    value = rng.randint(1, 9)
+    text, trace = str(value), []
+    for _ in range(steps):
+        op, b = rng.choice("+-*"), rng.randint(1, 9)
+        if op == "*" and abs(value) > 20:
+            op = "+"
+        new = {"+": value + b, "-": value - b, "*": value * b}[op]
+        trace.append(f"{value}{op}{b}={new}")
+        text = f"({text}){op}{b}" if op == "*" and len(trace) > 1 else f"{text}{op}{b}"
+        value = new
+    return text, trace, value
+
+
+def arithmetic_rows(n: int, seed: int, min_steps: int = 1, max_steps: int = 2) -> list[dict[str, Any]]:
+    """Rows with `prompt`, `answer` (the value as a string) and `solution` (the SFT target)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        text, trace, value = _expr(rng, rng.randint(min_steps, max_steps))
+        solution = f"<think>{','.join(trace)}</think><answer>{value}</answer>"
+        rows.append({"prompt": text, "answer": str(value), "solution": solution})
+    return rows
+
+
+def smoke_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Disjoint train/test problems: the test set drops any prompt seen in training."""
+    train = arithmetic_rows(n_train, seed=10_000 + seed)
+    seen = {r["prompt"] for r in train}
+    test = [r for r in arithmetic_rows(3 * n_test, seed=20_000 + seed) if r["prompt"] not in seen][:n_test]
+    return train, test
