@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -22,6 +25,46 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[RECIPE.yaml] key=value ...` -> (recipe path or None, overrides)."""
+    if items and "=" not in items[0]:
+        if not Path(items[0]).is_file():
+            raise FileNotFoundError(f"recipe {items[0]!r} not found")
+        return items[0], items[1:]
+    return None, items
+
+
+def _run(config_cls: type, fn: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that loads a typed recipe (every error before any compute) and runs `fn` on it."""
+
+    def cmd(args: argparse.Namespace) -> int:
+        from r1.config import load_config
+
+        recipe, overrides = split_recipe(args.recipe)
+        fn(load_config(config_cls, recipe, overrides))
+        return 0
+
+    return cmd
+
+
+def _train(cfg: Any) -> Any:
+    from r1.trainer import train
+
+    return train(cfg)
+
+
+def _sft(cfg: Any) -> Any:
+    from r1.sft import sft
+
+    return sft(cfg)
+
+
+def _smoke(cfg: Any) -> Any:
+    from r1.smoke import run_smoke
+
+    return run_smoke(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1", description="Reasoning RL (GRPO) on a native DeepSeek-V3 stack")
     sub = p.add_subparsers(dest="command", required=True)
@@ -29,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="preset name (tiny, smoke, bench, deepseek-v3), config.json, or a model directory")
     m.add_argument("--seq-len", type=int, default=4096)
     m.set_defaults(func=cmd_model)
+
+    from r1.eval import add_eval_args, cmd_eval
+    from r1.sft import SftConfig
+    from r1.smoke import SmokeConfig
+    from r1.trainer import TrainConfig
+
+    recipes = [("train", TrainConfig, _train, "GRPO: prompts -> G rollouts -> rewards -> policy update"),
+               ("sft", SftConfig, _sft, "supervised fine-tuning (cold start / rejection-sampling data)"),
+               ("smoke", SmokeConfig, _smoke, "the CPU smoke run: cold-start SFT, GRPO, held-out evaluation")]
+    for name, cls, fn, doc in recipes:
+        r = sub.add_parser(name, help=doc, description=f"{doc}. Fields: {', '.join(cls.__dataclass_fields__)}")
+        r.add_argument("recipe", nargs="*", metavar="[RECIPE.yaml] key=value", help="a recipe file, then overrides")
+        r.set_defaults(func=_run(cls, fn))
+    e = sub.add_parser("eval", help="pass@1 / pass@k / maj@k on MATH-500, AIME, GSM8K or a JSONL file")
+    add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -177,7 +177,8 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | tu
     errors += [f"missing required key {name!r}" for name in missing]
     if errors:
         source = f" ({path})" if path else ""
-        raise ConfigError(f"invalid {cls.__name__} config{source}:\n  " + "\n  ".join(errors))
+        sep = ": " if len(errors) == 1 else ":\n  "  # one problem, one line
+        raise ConfigError(f"invalid {cls.__name__} config{source}{sep}" + "\n  ".join(errors))
     return cls(**checked)
 
 

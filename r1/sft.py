@@ -57,7 +57,8 @@ def encode_pairs(tok: Any, prompts: list[str], completions: list[str]) -> tuple[
     """bos + prompt + completion + eos, right-padded: ids, attention mask, loss mask (completion + eos)."""
     seqs, masks = [], []
     for p, c in zip(prompts, completions, strict=True):
-        pi = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(p, add_special_tokens=False)["input_ids"]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        pi = bos + tok(p, add_special_tokens=False)["input_ids"]
         ci = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(pi + ci)
         masks.append([0] * len(pi) + [1] * len(ci))

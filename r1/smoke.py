@@ -21,16 +21,16 @@ class SmokeConfig:
     sft_steps: int = 150
     sft_rows: int = 200
     grpo_steps: int = 30
+    grpo_lr: float = 1e-4
     eval_problems: int = 200
     progress: bool = True
 
 
 def heldout_accuracy(model_dir: str | Path, rows: list[dict], max_tokens: int = 48) -> float:
     """Greedy decoding on held-out problems, checked by the math reward (pass@1 at temperature 0)."""
+    from r1.tokenizer import load_tokenizer
     from rewards.math import math_reward
     from rollouts import SamplingParams, make_engine
-
-    from r1.tokenizer import load_tokenizer
 
     model, tok = load_policy(str(model_dir)).eval(), load_tokenizer(str(model_dir))
     engine = make_engine("torch", model=model, tokenizer=tok)
@@ -49,7 +49,7 @@ def run_smoke(cfg: SmokeConfig) -> dict[str, float]:
     acc_sft = heldout_accuracy(out / "sft" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
     train(TrainConfig(model=str(out / "sft" / "model"), output_dir=str(out / "grpo"), steps=cfg.grpo_steps,
-                      seed=cfg.seed, progress=cfg.progress))
+                      lr=cfg.grpo_lr, seed=cfg.seed, progress=cfg.progress))
     acc_grpo = heldout_accuracy(out / "grpo" / "model", test)
     print(f"held-out accuracy after GRPO: {acc_grpo:.1%}  ({(acc_grpo - acc_sft) * 100:+.1f} points)", flush=True)
     result = {"seed": cfg.seed, "accuracy_sft": acc_sft, "accuracy_grpo": acc_grpo}

@@ -25,8 +25,8 @@ from r1 import checkpoint, grpo
 from r1.config import save_config
 from r1.data import load_rows, render, smoke_splits
 from r1.logprobs import token_logprobs
-from r1.model.model import V3ForCausalLM, expert_load_metrics, update_router_biases
 from r1.model.hc import hc_metrics
+from r1.model.model import V3ForCausalLM, expert_load_metrics, update_router_biases
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainConfig:
     answer_key: str = "answer"
     template: str = "smoke"
     rewards: list[str] = field(default_factory=lambda: ["math"])
-    reward_weights: list[float] = field(default_factory=lambda: [1.0])
+    reward_weights: list[float] | None = None  # None = 1.0 each
     on_reward_error: str = "zero"
     engine: str = "torch"
     steps: int = 40
@@ -143,18 +143,33 @@ class JsonlLogger:
         self.f.flush()
 
 
-# ---------------------------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig) -> dict[str, float]:
-    from rewards.combine import RewardSet
-    from rollouts import SamplingParams, make_engine
+def check(cfg: TrainConfig) -> None:
+    """Choices named in the recipe exist, before anything loads: one line naming the bad value."""
+    from rollouts import ENGINES
 
-    from r1.tokenizer import load_tokenizer
-
-    if len(cfg.rewards) != len(cfg.reward_weights):
+    registries = {"ratio": grpo.RATIOS, "aggregation": grpo.AGGREGATIONS, "advantage_scale": grpo.ADVANTAGE_SCALES,
+                  "engine": ENGINES}
+    for name, known in registries.items():
+        if getattr(cfg, name) not in known:
+            raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; known: {', '.join(known)}")
+    render(cfg.template, "")
+    if cfg.reward_weights is not None and len(cfg.rewards) != len(cfg.reward_weights):
         raise ValueError(f"{len(cfg.rewards)} rewards but {len(cfg.reward_weights)} reward_weights")
     if cfg.group_size < 2:
         raise ValueError("group_size must be at least 2 (advantages compare samples within a group)")
-    reward_set = RewardSet(list(zip(cfg.rewards, cfg.reward_weights, strict=True)), on_error=cfg.on_reward_error)
+    if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
+        raise FileNotFoundError(f"resume checkpoint {cfg.resume!r} not found")
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig) -> dict[str, float]:
+    from r1.tokenizer import load_tokenizer
+    from rewards.combine import RewardSet
+    from rollouts import SamplingParams, make_engine
+
+    check(cfg)
+    weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
+    reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
     rows = smoke_splits(seed=cfg.seed)[0] if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key))
     policy = load_policy(cfg.model).train()
@@ -281,7 +296,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         metrics.update({
             "completion_length/mean": sum(lengths) / len(lengths), "completion_length/max": max(lengths),
             "rollouts": n_gen, "time/rollout": t_roll, "time/reward": t_rew, "time/update": t2 - t1,
-            "tokens_per_s/rollout": sum(lengths) / max(t_roll, 1e-9), "time/step": t2 - t0, "lr": sched.get_last_lr()[0],
+            "tokens_per_s/rollout": sum(lengths) / max(t_roll, 1e-9), "time/step": t2 - t0,
+            "lr": sched.get_last_lr()[0],
         })
         logger.log(step + 1, metrics)
         last = metrics
