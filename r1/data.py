@@ -31,8 +31,10 @@ def render(template: str, prompt: str) -> str:
     return TEMPLATES[template].format(prompt=prompt)
 
 
-def load_rows(source: str, split: str = "train", columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Rows from a local file (json/jsonl/parquet/csv) or a hub dataset, checked for `columns`."""
+def load_rows(source: str, split: str = "train", columns: tuple[str, ...] = (),
+              config: str | None = None) -> list[dict[str, Any]]:
+    """Rows from a local file (json/jsonl/parquet/csv) or a hub dataset (with its `config` name), checked
+    for `columns`."""
     import datasets
 
     path = Path(source)
@@ -42,7 +44,7 @@ def load_rows(source: str, split: str = "train", columns: tuple[str, ...] = ()) 
             raise ValueError(f"{source}: unsupported file type {path.suffix!r} (jsonl, json, parquet, csv)")
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     elif "/" in source and not source.startswith((".", "/")):
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, config, split=split)
     else:
         raise FileNotFoundError(f"dataset {source!r} is neither a local file nor a hub name (owner/name)")
     missing = [c for c in columns if c not in ds.column_names]

@@ -171,22 +171,13 @@ def format_table(summary: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def load_model(path: str | Path) -> Any:
-    """A transformers-format model directory: DeepSeek-V3 as the native model, anything else via transformers."""
+    """The policy loader of the trainer, in bf16 on a GPU when there is one."""
     import torch
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (expected a transformers-format model directory)")
+    from r1.trainer import load_policy
+
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if json.loads((path / "config.json").read_text()).get("model_type") == "deepseek_v3":
-        from r1.model.hf import load_hf
-
-        model = load_hf(path, dtype=dtype)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return load_policy(str(path), dtype=dtype).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # engine name -> its constructor arguments from the model directory: vLLM loads the directory itself (and may take
@@ -223,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rollouts import make_engine
 
     rows, b = load_benchmark(args.benchmark, args.data, args.problem_key, args.answer_key, args.limit)
-    if not Path(args.model).is_dir():
+    if not Path(args.model).is_dir() and args.model.count("/") != 1:
         raise FileNotFoundError(f"model directory {args.model} does not exist")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -27,6 +27,7 @@ class SftConfig:
     model: str = "smoke"  # a preset name (fresh weights) or a model directory
     tokenizer: str | None = "char"
     dataset: str = "smoke"
+    dataset_config: str | None = None
     split: str = "train"
     prompt_key: str = "prompt"
     completion_key: str = "solution"
@@ -74,7 +75,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
     from r1.tokenizer import load_tokenizer
 
     rows = smoke_splits(seed=cfg.seed)[0] if cfg.dataset == "smoke" else \
-        load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.completion_key))
+        load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.completion_key), cfg.dataset_config)
     if cfg.max_rows:
         rows = rows[:cfg.max_rows]
     tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer else cfg.model)

@@ -1,9 +1,10 @@
 """The GRPO loop, one readable function: prompts -> G rollouts each -> rewards -> dynamic-sampling
 filter -> advantages -> mu updates with gradient accumulation -> bias update -> weight sync.
 
-Simplifications (named, as nanochat does): single process (accelerate launch is not wired yet);
-the torch engine shares the policy object on CPU, so weight sync is a no-op there and a bucketed
-`load_weights` for a separate engine; the reference model is a frozen copy, built only when beta > 0.
+Simplifications (named, as nanochat does): data parallelism is a flat gradient all-reduce per optimizer step
+(see Dist; `accelerate launch` starts the processes), not DDP or FSDP sharding; the torch engine shares the policy
+object, so weight sync is a no-op there and a bucketed `load_weights` for a separate engine; the reference model
+is a frozen copy, built only when beta > 0; every rank keeps a full copy of the weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class TrainConfig:
     model: str = "runs/smoke/sft"  # a model directory (native V3 or any transformers causal LM)
     tokenizer: str | None = None  # default: the model directory; "char" = the project's tokenizer
     dataset: str = "smoke"  # "smoke" (synthetic arithmetic) or a local file / hub dataset
+    dataset_config: str | None = None  # a hub dataset's config name (e.g. "sanitized" for mbpp)
     split: str = "train"
     prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    answer_key: str | None = "answer"  # passed to rewards as `answer`; None for rewards that read other columns
     template: str = "smoke"
     rewards: list[str] = field(default_factory=lambda: ["math"])
     reward_weights: list[float] | None = None  # None = 1.0 each
@@ -74,17 +76,32 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def load_policy(path: str) -> nn.Module:
-    p = Path(path)
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"model {path!r} not found (expected a directory with config.json)")
+def resolve_model(name_or_path: str) -> Path:
+    """A local model directory, or a hub repo id (owner/name) fetched to the local cache."""
+    p = Path(name_or_path)
+    if (p / "config.json").is_file():
+        return p
+    if p.exists() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        raise FileNotFoundError(f"model {name_or_path!r} not found (expected a directory with config.json)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - offline, no such repo, no access: one line either way
+        raise FileNotFoundError(f"model {name_or_path!r} is not a local directory and the hub gave: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """DeepSeek-V3 checkpoints load as the native model; any other causal LM through transformers."""
+    p = resolve_model(name_or_path)
     if json.loads((p / "config.json").read_text()).get("model_type") == "deepseek_v3":
         from r1.model.hf import load_hf
 
-        return load_hf(p)
+        return load_hf(p, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(p, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
 
 
 def hidden_and_head(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -162,31 +179,88 @@ def check(cfg: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+class Dist:
+    """Data parallelism without a DDP wrapper: every rank rolls out its own prompts and runs the same number of
+    micro-batches; gradients are averaged in one flat all-reduce per optimizer step (after all micro-batches,
+    so accumulation costs no extra communication, and the output head may be used outside forward()).
+    Launched by `accelerate launch` (gloo on CPU, nccl on GPU); one process is the plain single-rank case."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        # cpu=True lets accelerate pick gloo (MULTI_CPU) for torchrun-started processes on a machine without a GPU
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
+        self.main = self.state.is_main_process
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t, {"sum": torch.distributed.ReduceOp.SUM,
+                                             "max": torch.distributed.ReduceOp.MAX}[op])
+        return t
+
+    def average_grads(self, model: nn.Module) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([g.flatten() for g in grads]) / self.world
+        self.all_reduce(flat)
+        for p, g in zip((p for p in model.parameters() if p.requires_grad), flat.split([g.numel() for g in grads]),
+                        strict=True):
+            p.grad = g.view_as(p)
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = self.all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device))
+        return {k: v / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def same_parameters(self, model: nn.Module) -> bool:
+        """True when every rank holds bit-identical parameters (max == min of a per-rank checksum)."""
+        s = torch.stack([p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in model.parameters()])
+        lo, hi = s.clone(), s.clone()
+        self.all_reduce(hi, "max")
+        self.all_reduce(lo.neg_(), "max")
+        return bool(torch.equal(hi, -lo))
+
+
 def train(cfg: TrainConfig) -> dict[str, float]:
     from r1.tokenizer import load_tokenizer
     from rewards.combine import RewardSet
     from rollouts import SamplingParams, make_engine
 
     check(cfg)
+    dist = Dist()
+    if cfg.prompts_per_step % dist.world:
+        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by {dist.world} processes")
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
     reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
     rows = smoke_splits(seed=cfg.seed)[0] if cfg.dataset == "smoke" else \
-        load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key))
-    policy = load_policy(cfg.model).train()
+        load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key or cfg.prompt_key), cfg.dataset_config)
+    policy = load_policy(cfg.model).to(dist.device).train()
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     # ---- everything above validates input; compute starts here
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + dist.rank)  # ranks sample different rollouts from the same weights
+    random.seed(cfg.seed + dist.rank)
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, str(out_dir / "config.yaml"))
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, str(out_dir / "config.yaml"))
     engine = make_engine(cfg.engine, model=policy, tokenizer=tok)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     order = list(range(len(rows)))
-    random.Random(cfg.seed).shuffle(order)
+    random.Random(cfg.seed).shuffle(order)  # the same order on every rank; each reads its own slice
     start, cursor = 0, 0
     ckpt_dir = out_dir / "checkpoints"
     resume_from = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else \
@@ -197,85 +271,98 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, cursor = state["step"], state["cursor"]
+        checkpoint.set_rng_state(state["rng_ranks"][dist.rank])
         if ref is not None:
             ref.load_state_dict(state["ref"])
-    logger = JsonlLogger(out_dir / "metrics.jsonl")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="grpo")
-    G = cfg.group_size
+    logger = JsonlLogger(out_dir / "metrics.jsonl") if dist.main else None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and dist.main),
+               desc="grpo")
+    G, per_rank = cfg.group_size, cfg.prompts_per_step // dist.world
     last: dict[str, float] = {}
     for step in bar:
         t0 = time.perf_counter()
-        # ---- rollouts (+ dynamic sampling: drop groups whose rewards are all equal, refill)
-        kept_rows: list[dict] = []
+        # ---- rollouts (+ dynamic sampling: drop groups whose rewards are all equal, refill). Every rank takes
+        # `need` rows from its own slot of the global cursor; all ranks make the same number of attempts.
         kept: list[tuple[list[int], Any]] = []
         kept_rewards: list[float] = []
-        n_gen = n_groups = 0
+        spare: tuple[list[int], Any] | None = None  # padding when this rank kept fewer sequences than another
+        n_gen = n_groups = n_kept_groups = 0
         t_roll = t_rew = 0.0
-        all_rewards: list[float] = []
         for attempt in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
-            need = cfg.prompts_per_step - len(kept_rows)
-            if need <= 0:
+            need = per_rank - len(kept) // G
+            if dist.all_reduce(torch.tensor(need, device=dist.device), "max").item() <= 0:
                 break
-            batch = [rows[order[(cursor + i) % len(order)]] for i in range(need)]
-            cursor += need
+            batch = [rows[order[(cursor + dist.rank * per_rank + i) % len(order)]] for i in range(need)]
+            cursor += cfg.prompts_per_step
+            if not batch:
+                continue
             prompts = encode_prompts(tok, [render(cfg.template, r[cfg.prompt_key]) for r in batch])
             ta = time.perf_counter()
             rolls = engine.generate(prompts, sampling, n=G)
             tb = time.perf_counter()
-            expanded = [batch[r.prompt_index] for r in rolls]
-            cols = [{**r, "answer": r[cfg.answer_key]} for r in expanded]
-            rewards, per_reward = reward_set([r.text for r in rolls], cols)
+            cols = [{**r, "answer": r[cfg.answer_key]} if cfg.answer_key else r
+                    for r in (batch[ro.prompt_index] for ro in rolls)]
+            rewards, per_reward = reward_set([ro.text for ro in rolls], cols)
             t_roll += tb - ta
             t_rew += time.perf_counter() - tb
-            all_rewards += rewards
             n_gen += len(rolls)
-            r_NG = torch.tensor(rewards).view(-1, G)
-            keep = grpo.groups_with_signal(r_NG.flatten(), G) if cfg.dynamic_sampling else torch.ones(len(batch), bool)
+            keep = grpo.groups_with_signal(torch.tensor(rewards), G) if cfg.dynamic_sampling \
+                else torch.ones(len(batch), dtype=torch.bool)
             n_groups += len(batch)
+            spare = spare or (prompts[0], rolls[0])
             for g in keep.nonzero().flatten().tolist():
-                kept_rows.append(batch[g])
-                for j in range(g * G, (g + 1) * G):
-                    kept.append((prompts[g], rolls[j]))
-                    kept_rewards.append(rewards[j])
+                n_kept_groups += 1
+                kept += [(prompts[g], rolls[j]) for j in range(g * G, (g + 1) * G)]
+                kept_rewards += rewards[g * G:(g + 1) * G]
             if attempt == 0:
-                last_metrics = reward_set.metrics()
+                metrics: dict[str, float] = dict(reward_set.metrics())
                 correct = per_reward[cfg.rewards[0]]
-        metrics: dict[str, float] = dict(last_metrics)
-        metrics["accuracy"] = sum((c or 0.0) >= 1.0 for c in correct) / len(correct)
-        metrics["frac_reward_zero_std"] = 1 - len(kept_rows) / max(1, n_groups)
+                metrics["accuracy"] = sum((c or 0.0) >= 1.0 for c in correct) / len(correct)
+        metrics["frac_reward_zero_std"] = 1 - n_kept_groups / max(1, n_groups)
         t1 = time.perf_counter()
-        if kept:
-            # ---- advantages and the update
-            adv = grpo.group_advantages(torch.tensor(kept_rewards), G, scale=cfg.advantage_scale)
-            ids, attn, cmask, elogp, P = pack([p for p, _ in kept], [r.token_ids for _, r in kept],
-                                              [r.logprobs for _, r in kept], tok.pad_token_id or 0)
-            B, n_tok = ids.shape[0], cmask.sum()
+        # ---- advantages and the update; every rank runs the same number of micro-batches
+        n_seq = len(kept)
+        n_tok_local = sum(len(ro.token_ids) for _, ro in kept)
+        totals = dist.all_reduce(torch.tensor([n_seq, n_tok_local, n_seq], device=dist.device))
+        totals[2:] = dist.all_reduce(torch.tensor([n_seq], device=dist.device), "max")
+        if totals[0] > 0:
+            adv = grpo.group_advantages(torch.tensor(kept_rewards), G, scale=cfg.advantage_scale) if kept \
+                else torch.zeros(0)
+            pad = int(totals[2]) - n_seq  # sequences with zero mask and zero advantage: no gradient, same collectives
+            seqs = kept + [spare] * pad
+            ids, attn, cmask, elogp, P = pack([p for p, _ in seqs], [ro.token_ids for _, ro in seqs],
+                                              [ro.logprobs for _, ro in seqs], tok.pad_token_id or 0)
+            cmask[n_seq:] = 0
+            adv = torch.cat([adv, torch.zeros(pad)])
+            ids, attn, cmask, elogp, adv = (t.to(dist.device) for t in (ids, attn, cmask, elogp, adv))
+            # global normalisers divided by world: the averaged gradient is the exact global-batch loss's gradient
+            num_seq, num_tok = totals[0].item() / dist.world, totals[1].item() / dist.world
+            B, mb = ids.shape[0], cfg.micro_batch
             with torch.no_grad():
-                old = torch.cat([sequence_logprobs(policy, ids[s:s + cfg.micro_batch], attn[s:s + cfg.micro_batch],
-                                                   P, cfg.temperature)[0] for s in range(0, B, cfg.micro_batch)]) \
-                    if cfg.mu > 1 else None
-                ref_lp = torch.cat([sequence_logprobs(ref, ids[s:s + cfg.micro_batch], attn[s:s + cfg.micro_batch],
-                                                      P, cfg.temperature)[0] for s in range(0, B, cfg.micro_batch)]) \
-                    if ref is not None else None
+                old = torch.cat([sequence_logprobs(policy, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature)[0]
+                                 for s in range(0, B, mb)]) if cfg.mu > 1 else None
+                ref_lp = torch.cat([sequence_logprobs(ref, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature)[0]
+                                    for s in range(0, B, mb)]) if ref is not None else None
             sums: dict[str, float] = {}
             for _ in range(cfg.mu):
                 opt.zero_grad(set_to_none=True)
-                for s in range(0, B, cfg.micro_batch):
-                    sl = slice(s, s + cfg.micro_batch)
+                for s in range(0, B, mb):
+                    sl = slice(s, s + mb)
                     lp, ent = sequence_logprobs(policy, ids[sl], attn[sl], P, cfg.temperature, with_entropy=True)
                     loss, m = grpo.policy_loss(
                         lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
                         ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=cfg.beta, eps_low=cfg.eps_low,
                         eps_high=cfg.eps_high, ratio=cfg.ratio, aggregation=cfg.aggregation,
                         engine_logp_BT=elogp[sl] if cfg.tis_cap > 0 else None, tis_cap=cfg.tis_cap,
-                        max_completion_len=cfg.max_tokens, num_sequences=B, num_tokens=n_tok)
+                        max_completion_len=cfg.max_tokens, num_sequences=num_seq, num_tokens=num_tok)
                     loss.backward()
-                    w = cmask[sl].sum().item() / n_tok.item()
+                    w = cmask[sl].sum().item() / max(1, n_tok_local)
+                    m["entropy"] = (ent.detach() * cmask[sl]).sum() / cmask[sl].sum().clamp(min=1)
+                    m["logprob_gap/engine_vs_trainer"] = ((lp.detach() - elogp[sl]).abs() * cmask[sl]).sum() / \
+                        cmask[sl].sum().clamp(min=1)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
-                    sums["entropy"] = sums.get("entropy", 0.0) + (ent * cmask[sl]).sum().item() / n_tok.item()
-                    gap = ((lp.detach() - elogp[sl]).abs() * cmask[sl]).sum().item() / n_tok.item()
-                    sums["logprob_gap/engine_vs_trainer"] = sums.get("logprob_gap/engine_vs_trainer", 0.0) + gap
+                dist.average_grads(policy)
                 metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
                 opt.step()
                 sched.step()
@@ -283,7 +370,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             metrics.update(expert_load_metrics(policy))
             metrics.update(hc_metrics(policy))
             if cfg.bias_update:
-                update_router_biases(policy)
+                update_router_biases(policy)  # counts all-reduced across ranks inside
             else:
                 for m_ in policy.modules():
                     if hasattr(m_, "tokens_per_expert"):
@@ -292,24 +379,31 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             if ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
                 ref.load_state_dict(policy.state_dict())
         t2 = time.perf_counter()
-        lengths = [len(r.token_ids) for _, r in kept] or [0]
+        lengths = [len(ro.token_ids) for _, ro in kept] or [0]
         metrics.update({
             "completion_length/mean": sum(lengths) / len(lengths), "completion_length/max": max(lengths),
             "rollouts": n_gen, "time/rollout": t_roll, "time/reward": t_rew, "time/update": t2 - t1,
             "tokens_per_s/rollout": sum(lengths) / max(t_roll, 1e-9), "time/step": t2 - t0,
             "lr": sched.get_last_lr()[0],
         })
-        logger.log(step + 1, metrics)
+        metrics = dist.mean_metrics(metrics)
+        if logger is not None:
+            logger.log(step + 1, metrics)
         last = metrics
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         tok_s=f"{metrics['tokens_per_s/rollout']:.0f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            state = {"model": policy.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "cursor": cursor}
-            if ref is not None:
-                state["ref"] = ref.state_dict()
-            checkpoint.save(ckpt_dir, step + 1, state, keep=cfg.keep_last)
-    export(policy, tok, out_dir / "model")
+            rngs = dist.gather(checkpoint.rng_state())
+            if dist.main:
+                state = {"model": policy.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "cursor": cursor, "rng_ranks": rngs}
+                if ref is not None:
+                    state["ref"] = ref.state_dict()
+                checkpoint.save(ckpt_dir, step + 1, state, keep=cfg.keep_last)
+    if dist.world > 1 and not dist.same_parameters(policy):
+        raise RuntimeError("parameters differ across ranks after training (a non-deterministic collective?)")
+    if dist.main:
+        export(policy, tok, out_dir / "model")
     return last
 
 
