@@ -42,7 +42,11 @@ def load_rows(source: str, split: str = "train", columns: tuple[str, ...] = (),
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r} (jsonl, json, parquet, csv)")
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        datasets.disable_progress_bars()  # a local file loads in a blink; keep the terminal (and errors) clean
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        finally:
+            datasets.enable_progress_bars()
     elif "/" in source and not source.startswith((".", "/")):
         ds = datasets.load_dataset(source, config, split=split)
     else:
@@ -81,9 +85,12 @@ def arithmetic_rows(n: int, seed: int, min_steps: int = 1, max_steps: int = 2) -
     return rows
 
 
-def smoke_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Disjoint train/test problems: the test set drops any prompt seen in training."""
-    train = arithmetic_rows(n_train, seed=10_000 + seed)
+def smoke_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0, min_steps: int = 2,
+                 max_steps: int = 2) -> tuple[list[dict], list[dict]]:
+    """Disjoint train/test problems: the test set drops any prompt seen in training. With two or more steps the
+    problem space (thousands of chains) is large enough that dropping seen prompts leaves the same distribution."""
+    train = arithmetic_rows(n_train, 10_000 + seed, min_steps, max_steps)
     seen = {r["prompt"] for r in train}
-    test = [r for r in arithmetic_rows(3 * n_test, seed=20_000 + seed) if r["prompt"] not in seen][:n_test]
+    test = [r for r in arithmetic_rows(3 * n_test, 20_000 + seed, min_steps, max_steps)
+            if r["prompt"] not in seen][:n_test]
     return train, test
