@@ -205,6 +205,7 @@ def test_rank_checks_detect_divergence(tmp_path: Path) -> None:
     script = tmp_path / "check.py"
     script.write_text(RANK_CHECK)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok 0" in r.stdout and "ok 1" in r.stdout

@@ -138,7 +138,8 @@ PRESETS: dict[str, V3Config] = {
     # unit tests: every feature on, a few thousand parameters a layer
     "tiny": _tiny(),
     # the CPU smoke recipe: small enough to train SFT + GRPO on 2 cores in minutes
-    "smoke": _tiny(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+    "smoke": _tiny(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=128,
+                   intermediate_size=256, moe_intermediate_size=64,
                    num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=None,
                    qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=8,
                    n_group=2, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1),
