@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from r1.data import render, smoke_splits
+from r1.data import smoke_splits
 from r1.sft import SftConfig, sft
-from r1.trainer import TrainConfig, encode_prompts, load_policy, train
+from r1.trainer import TrainConfig, train
 
 
 @dataclass
@@ -22,35 +22,45 @@ class SmokeConfig:
     sft_rows: int = 200
     grpo_steps: int = 30
     grpo_lr: float = 1e-4
+    grpo_prompts: int = 16
     eval_problems: int = 200
     progress: bool = True
 
 
-def heldout_accuracy(model_dir: str | Path, rows: list[dict], max_tokens: int = 48) -> float:
-    """Greedy decoding on held-out problems, checked by the math reward (pass@1 at temperature 0)."""
+def heldout_accuracy(model_dir: str | Path, data: Path, max_tokens: int = 48) -> float:
+    """`r1 eval MODEL --benchmark custom --data DATA --problem-key prompt --template smoke --temperature 0`: greedy
+    pass@1 on the held-out problems, graded by the math reward."""
+    from r1.eval import evaluate, format_table, load_benchmark, load_model
     from r1.tokenizer import load_tokenizer
-    from rewards.math import math_reward
     from rollouts import SamplingParams, make_engine
 
-    model, tok = load_policy(str(model_dir)).eval(), load_tokenizer(str(model_dir))
-    engine = make_engine("torch", model=model, tokenizer=tok)
-    prompts = encode_prompts(tok, [render("smoke", r["prompt"]) for r in rows])
-    rolls = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), n=1)
-    scores = math_reward([r.text for r in rolls], answer=[r["answer"] for r in rows])
-    return sum(scores) / len(scores)
+    rows, b = load_benchmark("custom", str(data), problem_key="prompt")
+    tok = load_tokenizer(str(model_dir))
+    engine = make_engine("torch", model=load_model(model_dir).eval(), tokenizer=tok)
+    summary = evaluate(engine, tok, rows, problem_key=b.problem, answer_key=b.answer, template="smoke",
+                       sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens), k=1,
+                       out_path=Path(model_dir).parent / "heldout_generations.jsonl", progress=False)
+    print(format_table(summary))
+    return summary["pass@1"]
 
 
 def run_smoke(cfg: SmokeConfig) -> dict[str, float]:
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    test = smoke_splits(seed=cfg.seed)[1][:cfg.eval_problems]
+    test = out / "heldout.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    test.write_text("".join(json.dumps(r) + "\n" for r in smoke_splits(seed=cfg.seed)[1][:cfg.eval_problems]))
+    print(f"[1/3] cold-start SFT: {cfg.sft_steps} steps", flush=True)
     sft(SftConfig(output_dir=str(out / "sft"), steps=cfg.sft_steps, max_rows=cfg.sft_rows, seed=cfg.seed,
                   progress=cfg.progress))
     acc_sft = heldout_accuracy(out / "sft" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
+    print(f"[2/3] GRPO: {cfg.grpo_steps} steps", flush=True)
     train(TrainConfig(model=str(out / "sft" / "model"), output_dir=str(out / "grpo"), steps=cfg.grpo_steps,
-                      lr=cfg.grpo_lr, seed=cfg.seed, progress=cfg.progress))
+                      lr=cfg.grpo_lr, prompts_per_step=cfg.grpo_prompts, seed=cfg.seed, progress=cfg.progress))
+    print("[3/3] held-out evaluation", flush=True)
     acc_grpo = heldout_accuracy(out / "grpo" / "model", test)
+    print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
     print(f"held-out accuracy after GRPO: {acc_grpo:.1%}  ({(acc_grpo - acc_sft) * 100:+.1f} points)", flush=True)
     result = {"seed": cfg.seed, "accuracy_sft": acc_sft, "accuracy_grpo": acc_grpo}
     (out / "result.json").write_text(json.dumps(result, indent=2))

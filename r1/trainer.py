@@ -28,6 +28,7 @@ from r1.data import load_rows, render, smoke_splits
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
 from r1.model.model import V3ForCausalLM, expert_load_metrics, update_router_biases
+from r1.parallel import Dist
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "none"  # none | auto | a checkpoint directory
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -174,64 +176,15 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"{len(cfg.rewards)} rewards but {len(cfg.reward_weights)} reward_weights")
     if cfg.group_size < 2:
         raise ValueError("group_size must be at least 2 (advantages compare samples within a group)")
+    from accelerate.utils import LoggerType
+
+    if unknown := [t for t in cfg.report_to if t not in {x.value for x in LoggerType}]:
+        raise ValueError(f"unknown tracker {unknown[0]!r}; known: {', '.join(x.value for x in LoggerType)}")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
         raise FileNotFoundError(f"resume checkpoint {cfg.resume!r} not found")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-class Dist:
-    """Data parallelism without a DDP wrapper: every rank rolls out its own prompts and runs the same number of
-    micro-batches; gradients are averaged in one flat all-reduce per optimizer step (after all micro-batches,
-    so accumulation costs no extra communication, and the output head may be used outside forward()).
-    Launched by `accelerate launch` (gloo on CPU, nccl on GPU); one process is the plain single-rank case."""
-
-    def __init__(self) -> None:
-        from accelerate import PartialState
-
-        # cpu=True lets accelerate pick gloo (MULTI_CPU) for torchrun-started processes on a machine without a GPU
-        self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
-        self.main = self.state.is_main_process
-
-    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t, {"sum": torch.distributed.ReduceOp.SUM,
-                                             "max": torch.distributed.ReduceOp.MAX}[op])
-        return t
-
-    def average_grads(self, model: nn.Module) -> None:
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
-        flat = torch.cat([g.flatten() for g in grads]) / self.world
-        self.all_reduce(flat)
-        for p, g in zip((p for p in model.parameters() if p.requires_grad), flat.split([g.numel() for g in grads]),
-                        strict=True):
-            p.grad = g.view_as(p)
-
-    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return metrics
-        keys = sorted(metrics)
-        t = self.all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device))
-        return {k: v / self.world for k, v in zip(keys, t.tolist(), strict=True)}
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def same_parameters(self, model: nn.Module) -> bool:
-        """True when every rank holds bit-identical parameters (max == min of a per-rank checksum)."""
-        s = torch.stack([p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in model.parameters()])
-        lo, hi = s.clone(), s.clone()
-        self.all_reduce(hi, "max")
-        self.all_reduce(lo.neg_(), "max")
-        return bool(torch.equal(hi, -lo))
-
-
 def train(cfg: TrainConfig) -> dict[str, float]:
     from r1.tokenizer import load_tokenizer
     from rewards.combine import RewardSet
@@ -254,10 +207,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, str(out_dir / "config.yaml"))
-    engine = make_engine(cfg.engine, model=policy, tokenizer=tok)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None  # full copy, not sharded
+    # under FSDP the torch engine decodes with its own unsharded replica: ranks stop decoding at different steps, and
+    # a sharded model would need every rank in every forward; the replica is refreshed after each update
+    replica = copy.deepcopy(policy).eval().requires_grad_(False) if dist.fsdp else None
+    policy = dist.wrap(policy)  # FSDP2 shards in place when launched so; before the optimizer sees the parameters
+    engine = make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)  # the same order on every rank; each reads its own slice
@@ -267,14 +224,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         None if cfg.resume == "none" else Path(cfg.resume)
     if resume_from is not None:
         state = checkpoint.load(resume_from)
-        policy.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        dist.load_state(policy, opt, state["model"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, cursor = state["step"], state["cursor"]
         checkpoint.set_rng_state(state["rng_ranks"][dist.rank])
         if ref is not None:
             ref.load_state_dict(state["ref"])
     logger = JsonlLogger(out_dir / "metrics.jsonl") if dist.main else None
+    tracker = None
+    if cfg.report_to:  # TensorBoard / W&B through accelerate; the JSONL file is always written
+        from accelerate import Accelerator
+
+        tracker = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to, project_dir=str(out_dir))
+        tracker.init_trackers("r1", config={k: str(v) for k, v in vars(cfg).items()})
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and dist.main),
                desc="grpo")
     G, per_rank = cfg.group_size, cfg.prompts_per_step // dist.world
@@ -338,7 +300,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             # global normalisers divided by world: the averaged gradient is the exact global-batch loss's gradient
             num_seq, num_tok = totals[0].item() / dist.world, totals[1].item() / dist.world
             B, mb = ids.shape[0], cfg.micro_batch
-            with torch.no_grad():
+            with torch.no_grad(), dist.autocast():
                 old = torch.cat([sequence_logprobs(policy, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature)[0]
                                  for s in range(0, B, mb)]) if cfg.mu > 1 else None
                 ref_lp = torch.cat([sequence_logprobs(ref, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature)[0]
@@ -348,7 +310,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 opt.zero_grad(set_to_none=True)
                 for s in range(0, B, mb):
                     sl = slice(s, s + mb)
-                    lp, ent = sequence_logprobs(policy, ids[sl], attn[sl], P, cfg.temperature, with_entropy=True)
+                    with dist.autocast():
+                        lp, ent = sequence_logprobs(policy, ids[sl], attn[sl], P, cfg.temperature,
+                                                    with_entropy=True)
                     loss, m = grpo.policy_loss(
                         lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
                         ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=cfg.beta, eps_low=cfg.eps_low,
@@ -375,9 +339,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 for m_ in policy.modules():
                     if hasattr(m_, "tokens_per_expert"):
                         m_.tokens_per_expert.zero_()
-            engine.load_weights(policy_weights(policy, engine))  # no-op when the engine shares the policy
+            if replica is not None:
+                replica.load_state_dict(dist.full_state(policy, everywhere=True)[0])
+            else:
+                engine.load_weights(policy_weights(policy, engine))  # no-op when the engine shares the policy
             if ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
-                ref.load_state_dict(policy.state_dict())
+                ref.load_state_dict(dist.full_state(policy, everywhere=True)[0])
         t2 = time.perf_counter()
         lengths = [len(ro.token_ids) for _, ro in kept] or [0]
         metrics.update({
@@ -389,21 +356,27 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         metrics = dist.mean_metrics(metrics)
         if logger is not None:
             logger.log(step + 1, metrics)
+        if tracker is not None:
+            tracker.log(metrics, step=step + 1)
         last = metrics
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         tok_s=f"{metrics['tokens_per_s/rollout']:.0f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             rngs = dist.gather(checkpoint.rng_state())
+            model_sd, opt_sd = dist.full_state(policy, opt)
             if dist.main:
-                state = {"model": policy.state_dict(), "optimizer": opt.state_dict(),
+                state = {"model": model_sd, "optimizer": opt_sd,
                          "scheduler": sched.state_dict(), "cursor": cursor, "rng_ranks": rngs}
                 if ref is not None:
                     state["ref"] = ref.state_dict()
                 checkpoint.save(ckpt_dir, step + 1, state, keep=cfg.keep_last)
     if dist.world > 1 and not dist.same_parameters(policy):
         raise RuntimeError("parameters differ across ranks after training (a non-deterministic collective?)")
+    if tracker is not None:
+        tracker.end_training()
+    final_sd = dist.full_state(policy)[0] if dist.fsdp else None
     if dist.main:
-        export(policy, tok, out_dir / "model")
+        export(policy, tok, out_dir / "model", state_dict=final_sd)
     return last
 
 
@@ -418,12 +391,16 @@ def policy_weights(policy: nn.Module, engine: Any) -> list[tuple[str, Tensor]]:
     return list(policy.state_dict().items())
 
 
-def export(model: nn.Module, tok: Any, directory: Path) -> None:
-    """A HF-format model directory (+ tokenizer) that transformers and vLLM load."""
+def export(model: nn.Module, tok: Any, directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+    """A HF-format model directory (+ tokenizer) that transformers and vLLM load; `state_dict` replaces the module's
+    own (a sharded model's gathered weights)."""
     if isinstance(model, V3ForCausalLM):
         from r1.model.hf import save_hf
 
+        if state_dict is not None:
+            model = V3ForCausalLM(model.config)
+            model.load_state_dict(state_dict)
         save_hf(model, directory)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict)
     tok.save_pretrained(str(directory))

@@ -163,22 +163,32 @@ def test_train_from_recipe_with_overrides(model_dir: Path, tmp_path: Path) -> No
 
 # ------------------------------------------------------------------------------------------ data parallel
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
-def test_two_process_data_parallel(model_dir: Path, tmp_path: Path) -> None:
-    """`accelerate launch` with 2 CPU processes (gloo): ranks sample different rollouts, average gradients, and end
-    with identical parameters (the trainer checks this and fails otherwise); the result differs from 1 process."""
+def test_two_process_ddp_and_fsdp2(model_dir: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo), data parallel and FSDP2: ranks sample different rollouts,
+    end with identical parameters (the trainer checks this and fails otherwise), and the two strategies compute the
+    same update (same seeds, so the same rollouts): their exported weights agree."""
+    from r1.model.hf import load_hf
+
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     args = [f"model={model_dir}", "rewards=[test_trainer:digit_share]", "steps=2", "prompts_per_step=4",
             "group_size=4", "max_tokens=8", "dynamic_sampling=false", "progress=false"]
-    r = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu.yaml"),
-                        "-m", "r1", "train", *args, f"output_dir={tmp_path / 'dp'}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2]
-    # each rank rolled out its own half of the prompts: 2 prompts x 4 samples (a mean over ranks)
-    assert lines[0]["rollouts"] == 8
-    assert (tmp_path / "dp" / "model" / "config.json").is_file()
+    launch = {"ddp": ["--config_file", str(ROOT / "recipes/accelerate/cpu.yaml")],
+              "fsdp": ["--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"), "--num_processes", "2",
+                       "--mixed_precision", "no"]}
+    for name, flags in launch.items():
+        cmd = ["accelerate", "launch", *flags, "-m", "r1", "train", *args, f"output_dir={tmp_path / name}"]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines] == [1, 2]
+        # each rank rolled out its own half of the prompts: 2 prompts x 4 samples (a mean over ranks)
+        assert lines[0]["rollouts"] == 8
+    ddp, fsdp = (load_hf(tmp_path / n / "model").state_dict() for n in launch)
+    start = load_hf(model_dir).state_dict()
+    assert any(not torch.equal(ddp[k], start[k]) for k in ddp)  # it trained
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
 
 
 RANK_CHECK = """

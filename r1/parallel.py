@@ -1,0 +1,117 @@
+"""Processes, sharding and state dicts for `accelerate launch`: see Dist. Kept outside the model and the trainer
+loop, as gpt-fast keeps parallelism outside its model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Dist:
+    """The processes `accelerate launch` started (gloo on CPU, nccl on GPU; one process is the plain case).
+
+    Data parallel (default): every rank holds the whole model, rolls out its own prompts and runs the same number
+    of micro-batches; gradients are averaged in one flat all-reduce per optimizer step (after all micro-batches, so
+    accumulation costs no extra communication, and the output head may be used outside forward()).
+    FSDP2 (an accelerate config with distributed_type FSDP): `wrap` shards every decoder block and the root with
+    torch's fully_shard; gradients are reduce-scattered in backward, and state dicts are gathered in full.
+    """
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        # cpu=True lets accelerate pick gloo (MULTI_CPU) for torchrun-started processes on a machine without a GPU
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
+        self.main = self.state.is_main_process
+        self.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.world > 1
+        # bf16 compute where accelerate asks for it and a GPU runs it; the CPU path stays fp32
+        self.bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" and torch.cuda.is_available()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """FSDP2: shard each decoder block, then the root (embeddings, final norm, head, MTP)."""
+        if not self.fsdp:
+            return model
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.bf16 else None, reduce_dtype=torch.float32)
+        inner = getattr(model, "model", model)  # transformers keeps the layers under .model
+        for block in inner.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", torch.bfloat16) if self.bf16 and not self.fsdp else contextlib.nullcontext()
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t, {"sum": torch.distributed.ReduceOp.SUM,
+                                             "max": torch.distributed.ReduceOp.MAX}[op])
+        return t
+
+    def average_grads(self, model: nn.Module) -> None:
+        if self.world == 1 or self.fsdp:  # FSDP2 has reduce-scattered them in backward
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([g.flatten() for g in grads]) / self.world
+        self.all_reduce(flat)
+        for p, g in zip((p for p in model.parameters() if p.requires_grad), flat.split([g.numel() for g in grads]),
+                        strict=True):
+            p.grad = g.view_as(p)
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = self.all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device))
+        return {k: v / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def full_state(self, model: nn.Module, opt: torch.optim.Optimizer | None = None,
+                   everywhere: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Unsharded model (and optimizer) state dicts; a collective under FSDP. On rank 0 only, in CPU memory,
+        unless `everywhere`."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        o = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere and self.world > 1)
+        msd = get_model_state_dict(model, options=o)
+        return msd, None if opt is None else get_optimizer_state_dict(model, opt, options=o)
+
+    def load_state(self, model: nn.Module, opt: torch.optim.Optimizer, msd: dict[str, Any],
+                   osd: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        o = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, msd, options=o)
+        set_optimizer_state_dict(model, opt, osd, options=o)
+
+    def same_parameters(self, model: nn.Module) -> bool:
+        """True when every rank holds bit-identical parameters (max == min of a per-rank checksum); under FSDP the
+        gathered full parameters are compared."""
+        params = list(self.full_state(model, everywhere=True)[0].values()) if self.fsdp else \
+            [p.detach() for p in model.parameters()]
+        s = torch.stack([p.double().sum() + (p.double() ** 2).sum() for p in params if p.is_floating_point()])
+        s = s.to(self.device)
+        lo, hi = s.clone(), s.clone()
+        self.all_reduce(hi, "max")
+        self.all_reduce(lo.neg_(), "max")
+        return bool(torch.equal(hi, -lo))
