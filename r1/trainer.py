@@ -330,6 +330,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
                 opt.step()
                 sched.step()
+                opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
             metrics.update({k: v / cfg.mu for k, v in sums.items()})
             metrics.update(expert_load_metrics(policy))
             metrics.update(hc_metrics(policy))
