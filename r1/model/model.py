@@ -45,9 +45,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # In fp32 for stability, cast back before the weight (as transformers and DeepSeek do).
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # In fp32 for stability, cast back before the weight (as transformers and DeepSeek do). F.rms_norm
+        # is the same x * rsqrt(mean(x^2) + eps) * w in one call (decoding is bound by the number of ops).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -83,38 +85,56 @@ def softmax_scale(c: V3Config) -> float:
     return scale
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
-    """x [..., T, R]; cos/sin [B, 1, T, R/2]. DeepSeek stores rope dims as interleaved pairs; we
-    de-interleave first (as transformers does), which permutes q and k alike and so keeps q.k."""
+def apply_rope(x: Tensor, freqs: Tensor, interleave: bool) -> Tensor:
+    """Rotate x [..., R] by freqs [..., R/2] (complex, cos + i sin, broadcast against x's leading dims).
+    DeepSeek stores the rope dims as interleaved (re, im) pairs: one complex multiply on a view, the
+    output interleaved too. transformers de-interleaves first; that permutes q and k alike and so keeps
+    q.k. Without interleave (rotate-half layout) the halves are the real and imaginary parts."""
     if interleave:
-        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        xf = x.float()
+        if xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):  # odd head dims: no complex view
+            xf = xf.contiguous()
+        xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
+    cos, sin = freqs.real.to(x.dtype), freqs.imag.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- MLA
 class LatentCache:
-    """MLA's decoding cache: per layer only c_kv [B, S, L] and k_pe [B, S, R], preallocated and grown
-    by doubling. All rows share one length (prompts are left-padded; pads are masked by the caller)."""
+    """MLA's decoding cache: per layer only c_kv [B, S, L] and k_pe [B, S, R], side by side in one buffer
+    [B, S, L + R] (the keys of the absorbed attention, read in place; the values are its first L columns),
+    preallocated and grown by doubling. All rows share one length (prompts are left-padded; pads are
+    masked by the caller)."""
 
     def __init__(self, c: V3Config, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str):
-        n = c.num_hidden_layers
-        self.ckv = [torch.zeros(batch, capacity, c.kv_lora_rank, dtype=dtype, device=device) for _ in range(n)]
-        self.kpe = [torch.zeros(batch, capacity, c.qk_rope_head_dim, dtype=dtype, device=device) for _ in range(n)]
+        self.kv = [torch.zeros(batch, capacity, c.kv_lora_rank + c.qk_rope_head_dim, dtype=dtype, device=device)
+                   for _ in range(c.num_hidden_layers)]
+        self.rank = c.kv_lora_rank
         self.length = 0  # tokens written, shared by all layers once a forward pass ends
         self._pending = 0
 
-    def update(self, layer: int, ckv_BTL: Tensor, kpe_BTR: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def ckv(self) -> list[Tensor]:
+        return [t[..., :self.rank] for t in self.kv]
+
+    @property
+    def kpe(self) -> list[Tensor]:
+        return [t[..., self.rank:] for t in self.kv]
+
+    def update(self, layer: int, ckv_BTL: Tensor, kpe_BTR: Tensor) -> Tensor:
+        """Write T new tokens; returns the layer's whole [B, S, L + R] so far (a view)."""
         T, start = ckv_BTL.shape[1], self.length
-        if start + T > self.ckv[layer].shape[1]:
-            grow = max(start + T, 2 * self.ckv[layer].shape[1])
-            for buf in (self.ckv, self.kpe):
-                old = buf[layer]
-                buf[layer] = torch.cat([old, old.new_zeros(old.shape[0], grow - old.shape[1], old.shape[2])], 1)
-        self.ckv[layer][:, start:start + T] = ckv_BTL
-        self.kpe[layer][:, start:start + T] = kpe_BTR
+        old = self.kv[layer]
+        if start + T > old.shape[1]:
+            grow = max(start + T, 2 * old.shape[1])
+            self.kv[layer] = torch.cat([old, old.new_zeros(old.shape[0], grow - old.shape[1], old.shape[2])], 1)
+        kv = self.kv[layer][:, :start + T]
+        kv[:, start:, :self.rank] = ckv_BTL
+        kv[:, start:, self.rank:] = kpe_BTR
         self._pending = T
-        return self.ckv[layer][:, :start + T], self.kpe[layer][:, :start + T]
+        return kv
 
     def advance(self) -> None:
         self.length += self._pending
@@ -122,13 +142,12 @@ class LatentCache:
 
     def select(self, rows: Tensor) -> None:
         """Keep only `rows` (finished sequences leave the batch)."""
-        self.ckv = [t.index_select(0, rows) for t in self.ckv]
-        self.kpe = [t.index_select(0, rows) for t in self.kpe]
+        self.kv = [t.index_select(0, rows) for t in self.kv]
 
     def nbytes(self, tokens: int | None = None) -> int:
         """Bytes per row held for `tokens` positions (default: the written length)."""
         t = self.length if tokens is None else tokens
-        return sum(b[0, :t].numel() * b.element_size() for b in self.ckv + self.kpe)
+        return sum(b[0, :t].numel() * b.element_size() for b in self.kv)
 
 
 class MLA(nn.Module):
@@ -148,40 +167,47 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * c.v_head_dim, D, bias=c.attention_bias)
         self.scale = softmax_scale(c)
 
-    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                cache: LatentCache | None = None) -> Tensor:
+    def forward(self, x_BTD: Tensor, rope: Tensor, mask: Tensor | None, cache: LatentCache | None = None) -> Tensor:
+        """rope: complex [B, T, 1, R/2]. mask: boolean [B, 1, T, S] (True = attend) or None (causal); with a
+        cache, an additive float [B, 1, T, S] (0 or -inf)."""
         c = self.c
         B, T, _ = x_BTD.shape
         H, C, R, V, L = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         q = self.q_proj(x_BTD) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BHTX = q.view(B, T, H, C + R).transpose(1, 2)
-        q_nope_BHTC, q_pe_BHTR = q_BHTX.split([C, R], dim=-1)
+        q_nope_BTHC, q_pe_BTHR = q.view(B, T, H, C + R).split([C, R], dim=-1)
         ckv_BTL, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([L, R], dim=-1)
         ckv_BTL = self.kv_a_layernorm(ckv_BTL)
-        cos, sin = rope
-        q_pe_BHTR = apply_rope(q_pe_BHTR, cos, sin, c.rope_interleave)
-        k_pe_BTR = apply_rope(k_pe_BTR.unsqueeze(1), cos, sin, c.rope_interleave).squeeze(1)
-        is_causal = mask is None and cache is None
+        q_pe_BTHR = apply_rope(q_pe_BTHR, rope, c.rope_interleave)
+        k_pe_BTR = apply_rope(k_pe_BTR, rope[:, :, 0], c.rope_interleave)
 
         if cache is None:  # training / prefill: expand the latent into per-head K and V
-            kv = self.kv_b_proj(ckv_BTL).view(B, T, H, C + V).transpose(1, 2)
-            k_nope_BHTC, v_BHTV = kv.split([C, V], dim=-1)
-            k_BHTX = torch.cat([k_nope_BHTC, k_pe_BTR.unsqueeze(1).expand(B, H, T, R)], dim=-1)
-            q_BHTX = torch.cat([q_nope_BHTC, q_pe_BHTR], dim=-1)
+            kv = self.kv_b_proj(ckv_BTL).view(B, T, H, C + V)
+            k_nope_BTHC, v_BTHV = kv.split([C, V], dim=-1)
+            # [B, T, H, X] memory seen as [B, H, T, X]: the layout SDPA's CPU kernels read without a copy
+            q_BHTX = torch.cat([q_nope_BTHC, q_pe_BTHR], dim=-1).transpose(1, 2)
+            k_BHTX = torch.cat([k_nope_BTHC, k_pe_BTR.unsqueeze(2).expand(B, T, H, R)], dim=-1).transpose(1, 2)
             if V < C + R:  # SDPA's fused (flash) CPU/GPU kernels need v's head dim == q's: pad v with zeros
-                v_BHTV = F.pad(v_BHTV, (0, C + R - V))
-            o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BHTV, attn_mask=mask, is_causal=is_causal,
-                                                    scale=self.scale)[..., :V]
-        else:  # decode: attend in latent space, W_kvb absorbed into the query (W_uk) and output (W_uv)
-            ckv_BSL, kpe_BSR = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
-            w_HXL = self.kv_b_proj.weight.view(H, C + V, L)
-            q_lat_BHTL = torch.einsum("bhtc,hcl->bhtl", q_nope_BHTC, w_HXL[:, :C])
-            q_BHTX = torch.cat([q_lat_BHTL, q_pe_BHTR], dim=-1)
-            k_B1SX = torch.cat([ckv_BSL, kpe_BSR], dim=-1).unsqueeze(1)
-            o_lat_BHTL = F.scaled_dot_product_attention(q_BHTX, k_B1SX, ckv_BSL.unsqueeze(1), attn_mask=mask,
-                                                        scale=self.scale, enable_gqa=True)
-            o_BHTV = torch.einsum("bhtl,hvl->bhtv", o_lat_BHTL, w_HXL[:, C:])
-        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, H * V))
+                v_BTHV = F.pad(v_BTHV, (0, C + R - V))
+            o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BTHV.transpose(1, 2), attn_mask=mask,
+                                                    is_causal=mask is None, scale=self.scale)[..., :V]
+            return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, H * V))
+
+        # Decode: attention in latent space, W_kvb absorbed into the query (W_uk) and the output (W_uv).
+        # Every head reads the same cached [c_kv, k_pe] rows, so the H heads (times T queries) are rows of
+        # one [B, T*H, L+R] x [B, L+R, S] product: plain batched matmuls, no per-head copy of the cache.
+        N = B * T
+        kv_BSX = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
+        S = kv_BSX.shape[1]
+        w_HXL = self.kv_b_proj.weight.view(H, C + V, L)
+        q_lat_HNL = torch.bmm(q_nope_BTHC.reshape(N, H, C).transpose(0, 1), w_HXL[:, :C])
+        q_BMX = torch.cat([q_lat_HNL.transpose(0, 1), q_pe_BTHR.reshape(N, H, R)], dim=-1).view(B, T * H, L + R)
+        # the additive mask [B, 1, T, S] -> [B, T*H, S] (a broadcast view when T == 1)
+        bias_BMS = mask.transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
+        p_BMS = torch.baddbmm(bias_BMS, q_BMX, kv_BSX.transpose(1, 2), alpha=self.scale)
+        p_BMS = p_BMS.softmax(-1, dtype=torch.float32).to(q_BMX.dtype)
+        o_lat_NHL = torch.bmm(p_BMS, kv_BSX[..., :L]).view(N, H, L)
+        o_HNV = torch.bmm(o_lat_NHL.transpose(0, 1), w_HXL[:, C:].transpose(1, 2))
+        return self.o_proj(o_HNV.transpose(0, 1).reshape(B, T, H * V))
 
 
 # ---------------------------------------------------------------------------------------------- MLP / MoE
@@ -211,12 +237,13 @@ class Router(nn.Module):
         choice_NE = scores_NE + self.e_score_correction_bias
         if c.n_group > 1 and c.topk_group < c.n_group:
             N, G = choice_NE.shape[0], c.n_group
-            group_NG = choice_NE.view(N, G, -1).topk(2, dim=-1).values.sum(-1)
-            keep_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(
-                1, group_NG.topk(c.topk_group, dim=-1).indices, True)
+            choice_NGe = choice_NE.view(N, G, -1)
+            group_NG = choice_NGe.topk(2, dim=-1).values.sum(-1)
+            drop_NG = torch.ones_like(group_NG, dtype=torch.bool).scatter_(
+                1, group_NG.topk(c.topk_group, dim=-1).indices, False)
             # -inf as in DeepSeek's reference code: with a negative bias a masked expert can score below 0,
             # so transformers' old fill value 0.0 could pick it (tests/test_model.py shows the case).
-            choice_NE = choice_NE.masked_fill(~keep_NG.repeat_interleave(c.n_routed_experts // G, 1), float("-inf"))
+            choice_NE = choice_NGe.masked_fill(drop_NG.unsqueeze(-1), float("-inf")).view(N, -1)
         idx_NK = choice_NE.topk(c.num_experts_per_tok, dim=-1).indices
         w_NK = scores_NE.gather(1, idx_NK)
         if c.norm_topk_prob:
@@ -234,9 +261,10 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     @staticmethod
-    def grouped_mm(x_NX: Tensor, w_EYX: Tensor, counts_E: Tensor) -> Tensor:
+    def grouped_mm(x_NX: Tensor, w_EYX: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
+        """x_NX @ w_e^T on each expert's slice; offs_E (int32 cumsum of counts_E) if already computed."""
         if hasattr(torch, "_grouped_mm") and x_NX.dtype in (torch.float32, torch.bfloat16) and x_NX.shape[0]:
-            offs = counts_E.cumsum(0).to(torch.int32)
+            offs = counts_E.cumsum(0).to(torch.int32) if offs_E is None else offs_E
             return torch._grouped_mm(x_NX, w_EYX.transpose(-2, -1), offs=offs)
         # Fallback: one matmul per expert on its contiguous slice (never per token).
         splits = counts_E.tolist()
@@ -244,8 +272,9 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x_NX.new_zeros(0, w_EYX.shape[1])
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
-        gate, up = self.grouped_mm(x_NsD, self.gate_up_proj, counts_E).chunk(2, dim=-1)
-        return self.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E)
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        gate, up = self.grouped_mm(x_NsD, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
+        return self.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
 
 
 class MoE(nn.Module):
@@ -259,7 +288,8 @@ class MoE(nn.Module):
         # tokens routed to each expert since the last bias update (auxiliary-loss-free balancing)
         self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts), persistent=False)
 
-    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """-> (y, sequence-wise balance loss; None when it is off or in eval)."""
         B, T, D = x_BTD.shape
         K, E = self.c.num_experts_per_tok, self.c.n_routed_experts
         x_ND = x_BTD.reshape(-1, D)
@@ -269,12 +299,12 @@ class MoE(nn.Module):
         order = flat_idx.argsort(stable=True)
         counts_E = torch.bincount(flat_idx, minlength=E)
         token_of = order // K
-        y_sorted = self.experts(x_ND[token_of], counts_E)
-        y_sorted = y_sorted * w_NK.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-        y_ND = torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted.to(x_ND.dtype))
-        if self.shared_experts is not None:
-            y_ND = y_ND + self.shared_experts(x_ND)
-        aux = x_ND.new_zeros((), dtype=torch.float32)
+        y_sorted = self.experts(x_ND.index_select(0, token_of), counts_E)  # (x[idx]'s backward is ~3x slower)
+        y_sorted = y_sorted * w_NK.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
+        # the routed outputs are summed into the shared experts' output (no zero tensor, no extra add)
+        y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
+        y_ND = y_ND.index_add_(0, token_of, y_sorted.to(x_ND.dtype))
+        aux = None
         if self.training:
             with torch.no_grad():  # padding tokens do not count toward the load
                 v = valid_BT.reshape(-1, 1).expand(-1, K).flatten() if valid_BT is not None else None
@@ -309,18 +339,18 @@ class Block(nn.Module):
             self.attn_hc = HyperConnection(c, 2 * layer_idx)
             self.mlp_hc = HyperConnection(c, 2 * layer_idx + 1)
 
-    def _attn(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-              cache: LatentCache | None) -> tuple[Tensor, Tensor]:
-        return self.self_attn(self.input_layernorm(x), rope, mask, cache), x.new_zeros((), dtype=torch.float32)
+    def _attn(self, x: Tensor, rope: Tensor, mask: Tensor | None,
+              cache: LatentCache | None) -> tuple[Tensor, None]:
+        return self.self_attn(self.input_layernorm(x), rope, mask, cache), None
 
-    def _mlp(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _mlp(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.mlp, MoE):
             return self.mlp(self.post_attention_layernorm(x), valid)
-        return self.mlp(self.post_attention_layernorm(x)), x.new_zeros((), dtype=torch.float32)
+        return self.mlp(self.post_attention_layernorm(x)), None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                cache: LatentCache | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x is x_BTD, or x_BTnD (n residual streams) with hyper-connections. Returns (x, aux loss)."""
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None,
+                cache: LatentCache | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x is x_BTD, or x_BTnD (n residual streams) with hyper-connections. Returns (x, aux loss or None)."""
         if not hasattr(self, "attn_hc"):
             x = x + self._attn(x, rope, mask, cache)[0]
             y, aux = self._mlp(x, valid)
@@ -383,10 +413,10 @@ class V3ForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def rope(self, position_ids_BT: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = position_ids_BT.float().unsqueeze(-1) * self.inv_freq  # [B, T, R/2]
-        cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
-        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+    def rope(self, position_ids_BT: Tensor) -> Tensor:
+        """(cos + i sin) * rope_factor per position and frequency: complex [B, T, 1, R/2] (1: heads)."""
+        angles = position_ids_BT.float().unsqueeze(-1) * self.inv_freq  # [B, T, R/2]
+        return torch.polar(torch.full_like(angles, self.rope_factor), angles).unsqueeze(2)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: LatentCache | None = None, mtp: bool | None = None) -> V3Output:
@@ -396,13 +426,18 @@ class V3ForCausalLM(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None:
+            if attention_mask is not None and T == 1:  # decoding: the last column of the cumsum below
+                position_ids = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)
+            elif attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = build_mask(attention_mask, position_ids, T, past, packed=cache is None and attention_mask is None)
         x = self.embed_tokens(input_ids)
-        rope = self.rope(position_ids, x.dtype)
+        if cache is None:
+            mask = build_mask(attention_mask, position_ids, T, past, packed=attention_mask is None)
+        else:  # the latent attention adds its mask to the scores, built once for all layers
+            mask = additive_mask(attention_mask, position_ids, T, past, x.dtype)
+        rope = self.rope(position_ids)
         valid = attention_mask[:, -T:].bool() if attention_mask is not None else None
         if self.config.residual != "standard":
             x = expand_streams(x, self.config.hc_streams)
@@ -412,7 +447,8 @@ class V3ForCausalLM(nn.Module):
                 x, a = checkpoint(layer, x, rope, mask, cache, valid, use_reentrant=False)
             else:
                 x, a = layer(x, rope, mask, cache, valid)
-            aux = aux + a
+            if a is not None:
+                aux = aux + a
         if cache is not None:
             cache.advance()
         if self.config.residual != "standard":
@@ -426,14 +462,13 @@ class V3ForCausalLM(nn.Module):
                 emb = self.embed_tokens(input_ids[:, k:])
                 hk = m.eh_proj(torch.cat([m.enorm(emb), m.hnorm(prev[:, :-1])], dim=-1))
                 sub_mask = None if mask is None else mask[..., k:, k:]
-                cos, sin = rope
                 if self.config.residual != "standard":
                     hk = expand_streams(hk, self.config.hc_streams)
-                hk, a = m.block(hk, (cos[:, :, k:], sin[:, :, k:]), sub_mask, None,
-                                None if valid is None else valid[:, k:])
+                hk, a = m.block(hk, rope[:, k:], sub_mask, None, None if valid is None else valid[:, k:])
                 if self.config.residual != "standard":
                     hk = merge_streams(hk)
-                aux = aux + a
+                if a is not None:
+                    aux = aux + a
                 prev = hk
                 mtp_hidden.append(m.shared_head_norm(hk))
         return V3Output(hidden=h, aux_loss=aux, mtp_hidden=mtp_hidden)
@@ -457,6 +492,20 @@ def build_mask(attention_mask: Tensor | None, position_ids: Tensor, T: int, past
     # A padding query sees no key at all; letting it see itself avoids NaN rows (its output is unused).
     mask |= (k_pos[None, :] == q_pos[:, None]).unsqueeze(0)
     return mask.unsqueeze(1)
+
+
+def additive_mask(attention_mask: Tensor | None, position_ids: Tensor, T: int, past: int,
+                  dtype: torch.dtype) -> Tensor:
+    """build_mask's rule as scores to add, [B, 1, T, S]: 0 where a query attends, -inf elsewhere."""
+    B, S, dev = position_ids.shape[0], past + T, position_ids.device
+    if T == 1:  # decoding: the query (the last position) sees every real key and itself, a few ops
+        bias = torch.zeros(B, 1, 1, S, dtype=dtype, device=dev)
+        if attention_mask is not None:
+            bias[..., :-1].masked_fill_((attention_mask[:, :-1] == 0).view(B, 1, 1, S - 1), float("-inf"))
+        return bias
+    keep = build_mask(attention_mask if attention_mask is not None else torch.ones(B, S, device=dev),
+                      position_ids, T, past, packed=False)
+    return torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------- balancing
