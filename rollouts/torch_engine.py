@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from r1.model import LatentCache, V3ForCausalLM
 from r1.model.hf import hf_to_native, load_state
 from rollouts.base import Rollout, SamplingParams
-from rollouts.sampling import make_generators, sample
+from rollouts.sampling import NoiseStreams, make_generators, sample
 
 
 class Stepper(Protocol):
@@ -143,23 +143,27 @@ class TorchEngine:
         if n > 1:  # prefill each prompt once, then copy its cache rows for the n samples
             stepper.select(rows_N)
             logits_BV = logits_BV[rows_N]
-        mask_BS = mask_PT[rows_N]
+        # the attention mask of every step, preallocated: step t reads the first Tp + t + 1 columns
+        mask_BS = torch.cat([mask_PT[rows_N], mask_PT.new_ones(N, M)], dim=1)
 
         seed = sp.seed if sp.seed is not None else int(torch.randint(2**62, ()).item())
         gens = make_generators(seed, N, dev)
+        noise = NoiseStreams(gens, logits_BV.shape[-1], dev) if sp.temperature > 0 else None
         stop_ids = torch.tensor(sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids))),
                                 dtype=torch.long, device=dev)
+        can_stop = stop_ids.numel() > 0 or bool(sp.stop)
         tokens_NM = torch.full((N, M), self.pad_id, dtype=torch.long, device=dev)
         logps_NM = torch.zeros(N, M, dtype=torch.float32, device=dev)
         lengths_N, stopped_N = [M] * N, [False] * N
         live = list(range(N))  # sample index of each batch row
+        live_B = torch.arange(N, device=dev)
         for t in range(M):
-            tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live])
-            live_B = torch.as_tensor(live, device=dev)
+            noise_BV = noise.next(live, live_B) if noise is not None else None
+            tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live], noise_BV)
             tokens_NM[live_B, t], logps_NM[live_B, t] = tok_B, lp_B
             if t == M - 1:
                 break
-            done = torch.isin(tok_B, stop_ids).tolist()
+            done = torch.isin(tok_B, stop_ids).tolist() if can_stop else []
             if sp.stop:  # stop strings need the text: only the tail that a new match could end in
                 done = [d or self._tail_has_stop(tokens_NM[i, :t + 1], sp.stop)
                         for d, i in zip(done, live, strict=True)]
@@ -173,10 +177,10 @@ class TorchEngine:
                 keep_B = torch.as_tensor(keep, device=dev)
                 stepper.select(keep_B)  # finished rows leave the batch and the cache
                 live, tok_B, mask_BS = [live[b] for b in keep], tok_B[keep_B], mask_BS[keep_B]
-            mask_BS = torch.cat([mask_BS, mask_BS.new_ones(len(live), 1)], dim=1)
-            logits_BV = stepper.decode(tok_B, mask_BS)
-        if M and live:  # rows alive at the last step may still have ended on a stop token / string
-            last = tokens_NM[torch.as_tensor(live, device=dev), M - 1]
+                live_B = torch.as_tensor(live, device=dev)
+            logits_BV = stepper.decode(tok_B, mask_BS[:, :Tp + t + 1])
+        if M and live and can_stop:  # rows alive at the last step may still have ended on a stop token / string
+            last = tokens_NM[live_B, M - 1]
             hit = torch.isin(last, stop_ids).tolist()
             for b, i in enumerate(live):
                 stopped_N[i] = stopped_N[i] or hit[b]
