@@ -3,7 +3,7 @@
 - `load_rows(source, split)`: a local JSON/JSONL/Parquet file or a hub dataset name, through the
   `datasets` library; a missing column is one error naming it and the columns that exist.
 - `TEMPLATES`: R1-Zero's conversation template and a plain one, by name.
-- The smoke task: multi-step integer arithmetic ("(3+4)*2-5"), generated from a seed. Its SFT
+- The smoke task: multi-step integer arithmetic ("7+5-3+8"), generated from a seed. Its SFT
   targets show the steps inside <think> and the value inside <answer>, so the math reward can check
   them. Held-out problems come from a disjoint seed range.
 """
@@ -59,38 +59,41 @@ def load_rows(source: str, split: str = "train", columns: tuple[str, ...] = (),
 
 
 # ---------------------------------------------------------------------------------------------- smoke task
-def _expr(rng: random.Random, steps: int) -> tuple[str, list[str], int]:
-    """A left-to-right chain a op b op c ...; each step's partial value is recorded for the trace."""
+def _expr(rng: random.Random, steps: int, ops: str, max_value: int) -> tuple[str, list[str], int]:
+    """A left-to-right chain a op b op c ...; each step's partial value is recorded for the trace. Only operations
+    that keep the running value within [0, max_value] are drawn, so every chain uses one small table of facts."""
     value = rng.randint(1, 9)
     text, trace = str(value), []
+    apply = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     for _ in range(steps):
-        op, b = rng.choice("+-*"), rng.randint(1, 9)
-        if op == "*" and abs(value) > 20:
-            op = "+"
-        new = {"+": value + b, "-": value - b, "*": value * b}[op]
+        while True:
+            op, b = rng.choice(ops), rng.randint(1, 9)
+            new = apply[op](value, b)
+            if 0 <= new <= max_value:
+                break
         trace.append(f"{value}{op}{b}={new}")
         text = f"({text}){op}{b}" if op == "*" and len(trace) > 1 else f"{text}{op}{b}"
         value = new
     return text, trace, value
 
 
-def arithmetic_rows(n: int, seed: int, min_steps: int = 1, max_steps: int = 2) -> list[dict[str, Any]]:
+def arithmetic_rows(n: int, seed: int, min_steps: int = 2, max_steps: int = 3, ops: str = "+-",
+                    max_value: int = 19) -> list[dict[str, Any]]:
     """Rows with `prompt`, `answer` (the value as a string) and `solution` (the SFT target)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        text, trace, value = _expr(rng, rng.randint(min_steps, max_steps))
+        text, trace, value = _expr(rng, rng.randint(min_steps, max_steps), ops, max_value)
         solution = f"<think>{','.join(trace)}</think><answer>{value}</answer>"
         rows.append({"prompt": text, "answer": str(value), "solution": solution})
     return rows
 
 
-def smoke_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0, min_steps: int = 2,
-                 max_steps: int = 2) -> tuple[list[dict], list[dict]]:
-    """Disjoint train/test problems: the test set drops any prompt seen in training. With two or more steps the
-    problem space (thousands of chains) is large enough that dropping seen prompts leaves the same distribution."""
-    train = arithmetic_rows(n_train, 10_000 + seed, min_steps, max_steps)
+def smoke_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Disjoint train/test problems: the test set drops any prompt seen in training. Chains of 2-3 additions and
+    subtractions of digits with every value in 0..19: tens of thousands of chains over a table of ~250 facts, so
+    held-out chains are new compositions of facts that training exercises (the distribution stays the same)."""
+    train = arithmetic_rows(n_train, 10_000 + seed)
     seen = {r["prompt"] for r in train}
-    test = [r for r in arithmetic_rows(3 * n_test, 20_000 + seed, min_steps, max_steps)
-            if r["prompt"] not in seen][:n_test]
+    test = [r for r in arithmetic_rows(3 * n_test, 20_000 + seed) if r["prompt"] not in seen][:n_test]
     return train, test

@@ -219,3 +219,21 @@ def test_rank_checks_detect_divergence(tmp_path: Path) -> None:
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok 0" in r.stdout and "ok 1" in r.stdout
+
+
+def test_smoke_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`r1 smoke` with a few steps: SFT, held-out eval, GRPO, eval, result.json and the plot."""
+    rc = main(["smoke", f"output_dir={tmp_path}", "sft_steps=3", "grpo_steps=2", "grpo_prompts=4", "eval_problems=8",
+               "progress=false"])
+    assert rc == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result) >= {"seed", "accuracy_sft", "accuracy_grpo"}
+    assert 0.0 <= result["accuracy_sft"] <= 1.0 and 0.0 <= result["accuracy_grpo"] <= 1.0
+    out = capsys.readouterr().out
+    assert f"held-out accuracy after SFT:  {result['accuracy_sft']:.1%}" in out
+    assert len((tmp_path / "grpo" / "heldout_generations.jsonl").read_text().splitlines()) == 8
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    heldout = [json.loads(x)["prompt"] for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    from r1.data import smoke_splits
+
+    assert not set(heldout) & {r["prompt"] for r in smoke_splits(seed=0)[0]}  # held out means unseen
