@@ -131,8 +131,7 @@ class LatentCache:
             grow = max(start + T, 2 * old.shape[1])
             self.kv[layer] = torch.cat([old, old.new_zeros(old.shape[0], grow - old.shape[1], old.shape[2])], 1)
         kv = self.kv[layer][:, :start + T]
-        kv[:, start:, :self.rank] = ckv_BTL
-        kv[:, start:, self.rank:] = kpe_BTR
+        kv[:, start:] = torch.cat([ckv_BTL, kpe_BTR], dim=-1)
         self._pending = T
         return kv
 
@@ -169,10 +168,10 @@ class MLA(nn.Module):
 
     def forward(self, x_BTD: Tensor, rope: Tensor, mask: Tensor | None, cache: LatentCache | None = None) -> Tensor:
         """rope: complex [B, T, 1, R/2]. mask: boolean [B, 1, T, S] (True = attend) or None (causal); with a
-        cache, an additive float [B, 1, T, S] (0 or -inf)."""
+        cache, an additive float [B, 1, T, S] (0 or -inf), S = cached + T."""
         c = self.c
         B, T, _ = x_BTD.shape
-        H, C, R, V, L = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        H, C, R, L = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
         q = self.q_proj(x_BTD) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
         q_nope_BTHC, q_pe_BTHR = q.view(B, T, H, C + R).split([C, R], dim=-1)
         ckv_BTL, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([L, R], dim=-1)
@@ -180,24 +179,36 @@ class MLA(nn.Module):
         q_pe_BTHR = apply_rope(q_pe_BTHR, rope, c.rope_interleave)
         k_pe_BTR = apply_rope(k_pe_BTR, rope[:, :, 0], c.rope_interleave)
 
-        if cache is None:  # training / prefill: expand the latent into per-head K and V
-            kv = self.kv_b_proj(ckv_BTL).view(B, T, H, C + V)
-            k_nope_BTHC, v_BTHV = kv.split([C, V], dim=-1)
-            # [B, T, H, X] memory seen as [B, H, T, X]: the layout SDPA's CPU kernels read without a copy
-            q_BHTX = torch.cat([q_nope_BTHC, q_pe_BTHR], dim=-1).transpose(1, 2)
-            k_BHTX = torch.cat([k_nope_BTHC, k_pe_BTR.unsqueeze(2).expand(B, T, H, R)], dim=-1).transpose(1, 2)
-            if V < C + R:  # SDPA's fused (flash) CPU/GPU kernels need v's head dim == q's: pad v with zeros
-                v_BTHV = F.pad(v_BTHV, (0, C + R - V))
-            o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BTHV.transpose(1, 2), attn_mask=mask,
-                                                    is_causal=mask is None, scale=self.scale)[..., :V]
-            return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, H * V))
+        if cache is not None:
+            kv_BSX = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
+            if kv_BSX.shape[1] > T:  # tokens cached by earlier calls: decode in latent space
+                return self.o_proj(self._absorbed(q_nope_BTHC, q_pe_BTHR, kv_BSX, mask))
+        # training, or a prefill into an empty cache (T queries x T keys: expanding is cheaper there)
+        return self.o_proj(self._expanded(q_nope_BTHC, q_pe_BTHR, ckv_BTL, k_pe_BTR, mask))
 
-        # Decode: attention in latent space, W_kvb absorbed into the query (W_uk) and the output (W_uv).
-        # Every head reads the same cached [c_kv, k_pe] rows, so the H heads (times T queries) are rows of
-        # one [B, T*H, L+R] x [B, L+R, S] product: plain batched matmuls, no per-head copy of the cache.
-        N = B * T
-        kv_BSX = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
-        S = kv_BSX.shape[1]
+    def _expanded(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, ckv_BTL: Tensor, k_pe_BTR: Tensor,
+                  mask: Tensor | None) -> Tensor:
+        """Per-head K and V from W_kvb and one SDPA call -> [B, T, H*V]."""
+        B, T, H, C = q_nope_BTHC.shape
+        R, V = q_pe_BTHR.shape[-1], self.c.v_head_dim
+        kv = self.kv_b_proj(ckv_BTL).view(B, T, H, C + V)
+        k_nope_BTHC, v_BTHV = kv.split([C, V], dim=-1)
+        # [B, T, H, X] memory seen as [B, H, T, X]: the layout SDPA's CPU kernels read without a copy
+        q_BHTX = torch.cat([q_nope_BTHC, q_pe_BTHR], dim=-1).transpose(1, 2)
+        k_BHTX = torch.cat([k_nope_BTHC, k_pe_BTR.unsqueeze(2).expand(B, T, H, R)], dim=-1).transpose(1, 2)
+        if V < C + R:  # SDPA's fused (flash) CPU/GPU kernels need v's head dim == q's: pad v with zeros
+            v_BTHV = F.pad(v_BTHV, (0, C + R - V))
+        o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BTHV.transpose(1, 2), attn_mask=mask,
+                                                is_causal=mask is None, scale=self.scale)[..., :V]
+        return o_BHTV.transpose(1, 2).reshape(B, T, H * V)
+
+    def _absorbed(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, kv_BSX: Tensor, mask: Tensor) -> Tensor:
+        """Attention in latent space over the cached [c_kv, k_pe] rows -> [B, T, H*V]: W_kvb is absorbed
+        into the query (W_uk) and the output (W_uv). Every head reads the same cached rows, so the H heads
+        (times T queries) are rows of one [B, T*H, L+R] x [B, L+R, S] product: plain batched matmuls, no
+        per-head copy of the cache."""
+        B, T, H, C = q_nope_BTHC.shape
+        R, V, L, S, N = q_pe_BTHR.shape[-1], self.c.v_head_dim, self.c.kv_lora_rank, kv_BSX.shape[1], B * T
         w_HXL = self.kv_b_proj.weight.view(H, C + V, L)
         q_lat_HNL = torch.bmm(q_nope_BTHC.reshape(N, H, C).transpose(0, 1), w_HXL[:, :C])
         q_BMX = torch.cat([q_lat_HNL.transpose(0, 1), q_pe_BTHR.reshape(N, H, R)], dim=-1).view(B, T * H, L + R)
@@ -207,7 +218,7 @@ class MLA(nn.Module):
         p_BMS = p_BMS.softmax(-1, dtype=torch.float32).to(q_BMX.dtype)
         o_lat_NHL = torch.bmm(p_BMS, kv_BSX[..., :L]).view(N, H, L)
         o_HNV = torch.bmm(o_lat_NHL.transpose(0, 1), w_HXL[:, C:].transpose(1, 2))
-        return self.o_proj(o_HNV.transpose(0, 1).reshape(B, T, H * V))
+        return o_HNV.transpose(0, 1).reshape(B, T, H * V)
 
 
 # ---------------------------------------------------------------------------------------------- MLP / MoE
@@ -272,9 +283,28 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x_NX.new_zeros(0, w_EYX.shape[1])
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
+        Ns, E = x_NsD.shape[0], counts_E.shape[0]
+        if 0 < Ns <= 16 * E and x_NsD.device.type == "cpu":  # few rows per expert (decoding)
+            cap = int(counts_E.max())
+            if E * cap <= 2 * Ns:
+                return self.padded(x_NsD, counts_E, cap)
         offs_E = counts_E.cumsum(0).to(torch.int32)
         gate, up = self.grouped_mm(x_NsD, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
         return self.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
+
+    def padded(self, x_NsD: Tensor, counts_E: Tensor, cap: int) -> Tensor:
+        """The same SwiGLU with each expert's rows padded to `cap` and two batched matmuls [E, cap, .].
+        With a handful of rows per expert grouped_mm's E small GEMMs are bound by per-call overhead
+        (and, multi-threaded, by one parallel region each); two bmm calls are cheaper while the padding
+        at most doubles the rows."""
+        E, Ns = counts_E.shape[0], x_NsD.shape[0]
+        expert_Ns = torch.repeat_interleave(torch.arange(E, device=x_NsD.device), counts_E, output_size=Ns)
+        start_E = counts_E.cumsum(0) - counts_E
+        row_Ns = expert_Ns * cap + torch.arange(Ns, device=x_NsD.device) - start_E[expert_Ns]
+        x_ECD = x_NsD.new_zeros(E * cap, x_NsD.shape[1]).index_copy_(0, row_Ns, x_NsD).view(E, cap, -1)
+        gate, up = torch.bmm(x_ECD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        y_ECD = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+        return y_ECD.view(E * cap, -1).index_select(0, row_Ns)
 
 
 class MoE(nn.Module):
@@ -438,7 +468,8 @@ class V3ForCausalLM(nn.Module):
         else:  # the latent attention adds its mask to the scores, built once for all layers
             mask = additive_mask(attention_mask, position_ids, T, past, x.dtype)
         rope = self.rope(position_ids)
-        valid = attention_mask[:, -T:].bool() if attention_mask is not None else None
+        # real tokens of this call: the MoE load counts skip padding (training only)
+        valid = attention_mask[:, -T:].bool() if attention_mask is not None and self.training else None
         if self.config.residual != "standard":
             x = expand_streams(x, self.config.hc_streams)
         aux = x.new_zeros((), dtype=torch.float32)
