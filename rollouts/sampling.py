@@ -2,7 +2,7 @@
 
 Sampling is the Gumbel-max trick: argmax(logits / T + g) with g = -log(Exp(1)) noise is an exact draw
 from softmax(logits / T) (truncated tokens carry -inf and are never drawn). Exp(1) = -log(U) for U
-uniform (torch's uniform_ is ~5x cheaper than its exponential_). The noise comes from one
+uniform (torch's uniform_ is ~5x cheaper than its exponential_ on CPU). The noise comes from one
 torch.Generator per sample, seeded from (seed, sample index), so a sample's tokens depend only on its
 own seed and logits: not on which other rows share the batch or when finished rows leave it.
 
@@ -26,13 +26,13 @@ def make_generators(seed: int, count: int, device: torch.device | str = "cpu") -
     return [torch.Generator(device=device).manual_seed((seed * _SEED_MIX + i) % 2**63) for i in range(count)]
 
 
-def exp_noise_(t: Tensor, generator: torch.Generator) -> Tensor:
-    """Fill t with Exp(1) draws as -log(U), U uniform on [0, 1) (U = 0 gives +inf: never drawn)."""
-    return t.uniform_(generator=generator).log_().neg_()
+def gumbel_(t: Tensor, generator: torch.Generator) -> Tensor:
+    """Fill t with Gumbel noise g = -log(Exp(1)), Exp(1) = -log(U) with U uniform on [0, 1)."""
+    return t.uniform_(generator=generator).log_().neg_().log_().neg_()
 
 
 class NoiseStreams:
-    """The Exp(1) noise of each sample's own generator, drawn `block` steps ahead: one call per sample
+    """The Gumbel noise of each sample's own generator, drawn `block` steps ahead: one call per sample
     per block instead of one per step (per-call overhead dominates for small vocabularies). A CPU
     generator fills a [block, V] tensor with the same numbers as `block` successive [V] draws, so the
     tokens do not depend on the block; on CUDA they do, so the block depends on V alone, never on the
@@ -50,7 +50,7 @@ class NoiseStreams:
         j = self.step % self.block
         if j == 0:
             for i in samples:
-                exp_noise_(self.buf_NJV[i], self.generators[i])
+                gumbel_(self.buf_NJV[i], self.generators[i])
         self.step += 1
         return self.buf_NJV[samples_B, j]
 
@@ -78,17 +78,17 @@ def truncate(logits_BV: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float
 def sample(logits_BV: Tensor, sp: SamplingParams, generators: list[torch.Generator],
            noise_BV: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Next tokens [B] and their log-probs [B] (fp32); generators[b] drives row b, or noise_BV (from
-    NoiseStreams) holds the Exp(1) draws those generators would make."""
+    NoiseStreams) holds the Gumbel draws those generators would make."""
     logits_BV = logits_BV.float()
     if sp.temperature == 0.0:
         tok_B = logits_BV.argmax(-1)
         return tok_B, F.log_softmax(logits_BV, -1).gather(-1, tok_B[:, None]).squeeze(-1)
-    scaled_BV = logits_BV / sp.temperature
+    scaled_BV = logits_BV / sp.temperature if sp.temperature != 1.0 else logits_BV
     logp_BV = F.log_softmax(scaled_BV, -1)
     kept_BV = truncate(scaled_BV, sp.top_k, sp.top_p, sp.min_p)
     V = logits_BV.shape[-1]
     # One small draw per row (not per token): each row's stream stays its own.
-    expo_BV = noise_BV if noise_BV is not None else torch.stack(
-        [exp_noise_(torch.empty(V, device=logits_BV.device), g) for g in generators])
-    tok_B = (kept_BV - expo_BV.log()).argmax(-1)
+    gumbel_BV = noise_BV if noise_BV is not None else torch.stack(
+        [gumbel_(torch.empty(V, device=logits_BV.device), g) for g in generators])
+    tok_B = (kept_BV + gumbel_BV).argmax(-1)
     return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
