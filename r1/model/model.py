@@ -233,6 +233,36 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up on the two halves of one [N, 2I] tensor. The backward writes both halves' gradients
+    into one [N, 2I] buffer (autograd's chunk backward would cat them: a full copy) and keeps only the
+    input (silu(gate) is recomputed): ~25% less time and one [N, I] tensor less per MoE layer."""
+
+    @staticmethod
+    def forward(ctx: object, gu_NY: Tensor) -> Tensor:
+        gate, up = gu_NY.chunk(2, dim=-1)
+        ctx.save_for_backward(gu_NY)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: object, g_NI: Tensor) -> Tensor:
+        (gu_NY,) = ctx.saved_tensors
+        gate, up = gu_NY.chunk(2, dim=-1)
+        grad_NY = torch.empty_like(gu_NY)
+        d_gate, d_up = grad_NY.chunk(2, dim=-1)
+        torch.mul(g_NI, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(g_NI * up, gate, grad_input=d_gate)
+        return grad_NY
+
+
+def swiglu(gu_NY: Tensor) -> Tensor:
+    """silu(gate) * up for gate|up stored side by side (the experts' fused gate_up projection)."""
+    if torch.is_grad_enabled() and gu_NY.requires_grad:
+        return _SwiGLU.apply(gu_NY)
+    gate, up = gu_NY.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class Router(nn.Module):
     """Sigmoid scores in fp32; choice on score + bias within the top groups; weights from raw scores."""
 
@@ -289,8 +319,8 @@ class GroupedExperts(nn.Module):
             if E * cap <= 2 * Ns:
                 return self.padded(x_NsD, counts_E, cap)
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        gate, up = self.grouped_mm(x_NsD, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
-        return self.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
+        h_NsI = swiglu(self.grouped_mm(x_NsD, self.gate_up_proj, counts_E, offs_E))
+        return self.grouped_mm(h_NsI, self.down_proj, counts_E, offs_E)
 
     def padded(self, x_NsD: Tensor, counts_E: Tensor, cap: int) -> Tensor:
         """The same SwiGLU with each expert's rows padded to `cap` and two batched matmuls [E, cap, .].
@@ -302,8 +332,8 @@ class GroupedExperts(nn.Module):
         start_E = counts_E.cumsum(0) - counts_E
         row_Ns = expert_Ns * cap + torch.arange(Ns, device=x_NsD.device) - start_E[expert_Ns]
         x_ECD = x_NsD.new_zeros(E * cap, x_NsD.shape[1]).index_copy_(0, row_Ns, x_NsD).view(E, cap, -1)
-        gate, up = torch.bmm(x_ECD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        y_ECD = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+        h_ECI = swiglu(torch.bmm(x_ECD, self.gate_up_proj.transpose(1, 2)))
+        y_ECD = torch.bmm(h_ECI, self.down_proj.transpose(1, 2))
         return y_ECD.view(E * cap, -1).index_select(0, row_Ns)
 
 
