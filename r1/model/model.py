@@ -5,13 +5,14 @@ Architecture choices, top to bottom:
   (kv_lora_rank) + one shared rope key k_pe; RMSNorm(c_kv) -> W_kvb -> per-head k_nope and v.
   RoPE (with YaRN) only on the rope dims; softmax scale qk_head_dim^-0.5 * mscale^2.
   Training/prefill expand K and V and call F.scaled_dot_product_attention. With a `LatentCache` the
-  cache holds only c_kv and k_pe and W_kvb is absorbed into the query and the output, so attention
-  runs over (kv_lora_rank + rope) features per cached token, shared by all heads.
+  cache holds only c_kv and k_pe; decoding absorbs W_kvb into the query and the output, so attention
+  runs over (kv_lora_rank + rope) features per cached token, shared by all heads (plain bmm calls).
 - MoE: fp32 sigmoid router; experts chosen by score + e_score_correction_bias, group-limited
   (group score = sum of its top-2, masked groups filled with -inf as DeepSeek's own code does);
   gate weights from the unbiased scores, normalised over the chosen k, times routed_scaling_factor.
   Tokens are sorted by expert and each expert runs on its contiguous slice (torch._grouped_mm where
-  available). No token dropping. Shared experts always on; the first first_k_dense_replace layers dense.
+  available; two padded bmm calls when every expert has only a few rows, as in decoding). No token
+  dropping. Shared experts always on; the first first_k_dense_replace layers dense.
 - Auxiliary-loss-free balancing: every MoE counts tokens per expert in the forward pass;
   `update_router_biases` (called once per optimizer step) moves b += gamma * sign(mean - load).
   Optional sequence-wise balance loss (alpha) is returned as `aux_loss`.
@@ -314,7 +315,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         Ns, E = x_NsD.shape[0], counts_E.shape[0]
-        if 0 < Ns <= 16 * E and x_NsD.device.type == "cpu":  # few rows per expert (decoding)
+        # few rows per expert (decoding) on CPU, where grouped_mm runs one small GEMM per expert
+        if 0 < Ns <= 16 * E and x_NsD.device.type == "cpu":
             cap = int(counts_E.max())
             if E * cap <= 2 * Ns:
                 return self.padded(x_NsD, counts_E, cap)
