@@ -18,9 +18,9 @@ from r1.trainer import TrainConfig, train
 class SmokeConfig:
     output_dir: str = "runs/smoke"
     seed: int = 0
-    sft_steps: int = 250  # cold start: 250 x 32 worked solutions (well short of mastery: GRPO has room left)
+    sft_steps: int = 400  # cold start: 400 x 32 worked solutions; 250 leaves the model too weak to learn from reward
     sft_rows: int = 0  # 0 = all 2000 training problems
-    grpo_steps: int = 200
+    grpo_steps: int = 250
     grpo_lr: float = 1e-4  # 1/30 of the SFT lr: Adam's early steps are sign-like, noisy RL gradients need small ones
     grpo_prompts: int = 32  # x G = 8 samples per step
     eval_problems: int = 200
