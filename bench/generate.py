@@ -4,7 +4,9 @@ Both sample (temperature 1, top-p 0.95) exactly `new` tokens per row (EOS ignore
 batches of random prompts, on the tiny V3 preset (MoE, q LoRA). transformers runs its own
 DeepseekV3ForCausalLM holding our weights with its DynamicCache; we run V3ForCausalLM with the MLA latent
 cache. Runs alternate (ours, theirs, ours, ...) and the median of each side is reported, plus the peak
-resident-memory growth during a run (sampled from /proc every 2 ms) and a JSON line.
+resident-memory growth during a run (sampled from /proc every 2 ms) and a JSON line. The process CPU
+time per run is reported too: on a machine shared with other jobs, wall time also counts the time the
+threads wait to be scheduled (OpenMP regions wait for their slowest thread), CPU time much less so.
 
     python bench/generate.py [--batch 16 --prompt 64 --new 128 --repeats 5 --threads 2]
 """
@@ -37,8 +39,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, int]:
-    """Seconds and peak RSS growth over the starting RSS while fn runs."""
+def timed(fn: Callable[[], object]) -> tuple[float, float, int]:
+    """Wall seconds, process CPU seconds and peak RSS growth over the starting RSS while fn runs."""
     base, peak, running = rss_bytes(), [0], [True]
 
     def watch() -> None:
@@ -48,12 +50,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, int]:
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    dt = time.perf_counter() - start
+    dt, cpu = time.perf_counter() - start, time.process_time() - cpu
     running[0] = False
     t.join()
-    return dt, max(peak[0], rss_bytes()) - base
+    return dt, cpu, max(peak[0], rss_bytes()) - base
 
 
 def main() -> None:
@@ -97,24 +99,29 @@ def main() -> None:
 
     run_ours(), run_theirs()  # warm-up: first-call kernel selection, allocator
     times: dict[str, list[float]] = {"ours": [], "transformers": []}
+    cpus: dict[str, list[float]] = {"ours": [], "transformers": []}
     mem: dict[str, int] = {"ours": 0, "transformers": 0}
     for _ in range(args.repeats):
         for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
-            dt, peak = timed(fn)
+            dt, cpu, peak = timed(fn)
             times[name].append(dt)
+            cpus[name].append(cpu)
             mem[name] = max(mem[name], peak)
     tokens = args.batch * args.new
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     ratio = tps["ours"] / tps["transformers"]
+    cpu_s = {k: statistics.median(v) for k, v in cpus.items()}
     print(f"preset={args.preset} batch={args.batch} prompt<={args.prompt} new={args.new} threads={args.threads}")
     for k in times:
         print(f"{k:>13}: {tps[k]:8.1f} tokens/s (median of {args.repeats}: "
               f"{', '.join(f'{t:.2f}' for t in times[k])} s)  peak RSS growth {mem[k] / 2**20:.1f} MiB")
-    print(f"speed-up: {ratio:.2f}x")
+    print(f"speed-up: {ratio:.2f}x (process CPU s per run, median: ours {cpu_s['ours']:.2f}, "
+          f"transformers {cpu_s['transformers']:.2f}, ratio {cpu_s['transformers'] / cpu_s['ours']:.2f}x)")
     print(json.dumps({"bench": "generate", "preset": args.preset, "batch": args.batch, "prompt": args.prompt,
                       "new": args.new, "threads": args.threads,
                       "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-                      "ratio": round(ratio, 2), "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in mem.items()}}))
+                      "ratio": round(ratio, 2), "cpu_s": {k: round(v, 3) for k, v in cpu_s.items()},
+                      "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in mem.items()}}))
 
 
 if __name__ == "__main__":

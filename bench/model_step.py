@@ -2,14 +2,18 @@
 
 Config (the "bench" preset): hidden 256, 4 layers (1 dense), 16 routed experts top-4 + 1 shared,
 seq 512, batch 8, fp32, next-token loss. MTP and the sequence-wise balance loss are off on our side
-because transformers has neither. Runs alternate in one process; medians are reported.
+because transformers has neither. Runs alternate in one process; medians are reported, with the
+process CPU time per step (less sensitive than wall time to other jobs on a shared machine).
 Usage: python bench/model_step.py [--repeats 5] [--batch 8] [--seq 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,18 +54,31 @@ def main() -> None:
         l1 = lm_loss(ours(ids, mtp=False), ours.lm_head.weight, ids)[0].item()
         l2 = ref(ids, labels=ids).loss.item()
     assert abs(l1 - l2) < 1e-4, (l1, l2)
-    t = alternate({"r1": step_ours, "transformers": step_ref}, repeats=args.repeats)
+    cpu: dict[str, list[float]] = {"r1": [], "transformers": []}
+
+    def cpu_timed(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            start = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - start)
+        return run
+
+    t = alternate({k: cpu_timed(k, fn) for k, fn in (("r1", step_ours), ("transformers", step_ref))},
+                  repeats=args.repeats)
+    cpu_s = {k: statistics.median(v[1:]) for k, v in cpu.items()}  # [0]: the warm-up run
     mem = {"r1": peak_bytes(step_ours), "transformers": peak_bytes(step_ref)}
     tokens = args.batch * args.seq
     print(f"forward+backward, batch {args.batch} x seq {args.seq}, fp32, {torch.get_num_threads()} threads "
           f"(loss r1 {l1:.4f} = transformers {l2:.4f})")
-    print(f"{'':14}{'ms/step':>10}{'tokens/s':>11}{'peak MiB':>10}")
+    print(f"{'':14}{'ms/step':>10}{'tokens/s':>11}{'peak MiB':>10}{'CPU ms':>10}")
     for k in t:
-        print(f"{k:14}{t[k] * 1e3:10.1f}{tokens / t[k]:11.0f}{mem[k] / 2**20:10.1f}")
+        print(f"{k:14}{t[k] * 1e3:10.1f}{tokens / t[k]:11.0f}{mem[k] / 2**20:10.1f}{cpu_s[k] * 1e3:10.1f}")
     ratio, mratio = t["r1"] / t["transformers"], mem["r1"] / mem["transformers"]
-    print(f"time ratio r1/transformers = {ratio:.2f}x (target <= 0.6), peak memory ratio = {mratio:.2f}x (target <= 1)")
+    print(f"time ratio r1/transformers = {ratio:.2f}x (target <= 0.6), peak memory ratio = {mratio:.2f}x "
+          f"(target <= 1), CPU time ratio = {cpu_s['r1'] / cpu_s['transformers']:.2f}x")
     report("model_step", {k: {"ms": t[k] * 1e3, "peak_mib": mem[k] / 2**20} for k in t},
-           {"batch": args.batch, "seq": args.seq, "time_ratio": ratio, "mem_ratio": mratio})
+           {"batch": args.batch, "seq": args.seq, "time_ratio": ratio, "mem_ratio": mratio,
+            "cpu_ratio": cpu_s["r1"] / cpu_s["transformers"]})
 
 
 if __name__ == "__main__":
