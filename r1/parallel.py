@@ -100,9 +100,9 @@ class Dist:
             set_optimizer_state_dict,
         )
 
-        o = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, msd, options=o)
-        set_optimizer_state_dict(model, opt, osd, options=o)
+        set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True))
+        # parameters that never had a gradient (MTP in GRPO) have no optimizer state yet: not an error
+        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def same_parameters(self, model: nn.Module) -> bool:
         """True when every rank holds bit-identical parameters (max == min of a per-rank checksum); under FSDP the
