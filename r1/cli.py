@@ -38,10 +38,16 @@ def _run(config_cls: type, fn: Callable[[Any], Any]) -> Callable[[argparse.Names
     """A subcommand that loads a typed recipe (every error before any compute) and runs `fn` on it."""
 
     def cmd(args: argparse.Namespace) -> int:
+        import torch
+
         from r1.config import load_config
 
         recipe, overrides = split_recipe(args.recipe)
-        fn(load_config(config_cls, recipe, overrides))
+        try:
+            fn(load_config(config_cls, recipe, overrides))
+        finally:  # a process group left to the interpreter's exit can abort in gloo's threads
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         return 0
 
     return cmd
