@@ -159,3 +159,15 @@ def test_dead_worker_is_replaced():
     finally:
         pool.close()
     assert shared_pool("rewards.math:check", 2, 3.0).map([("2", "2")]) == [1.0]
+
+
+def test_interrupted_item_never_scores_even_if_the_target_swallows_the_timeout(monkeypatch):
+    """A target that catches the soft-timeout exception and returns 1.0 (math-verify falls back to another
+    extraction when interrupted mid-parse) still scores the default."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pool = WorkerPool("_swallow:swallow", workers=1, timeout=2.0)  # soft alarm at 0.8 x 2 s = 1.6 s
+    try:
+        assert pool.map([0.0, 1.9, 0.0], default=0.0) == [0.5, None, 0.5]  # None, as for a raising item
+    finally:
+        pool.close()
