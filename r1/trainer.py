@@ -285,12 +285,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         # ---- advantages and the update; every rank runs the same number of micro-batches
         n_seq = len(kept)
         n_tok_local = sum(len(ro.token_ids) for _, ro in kept)
-        totals = dist.all_reduce(torch.tensor([n_seq, n_tok_local, n_seq], device=dist.device))
-        totals[2:] = dist.all_reduce(torch.tensor([n_seq], device=dist.device), "max")
+        totals = dist.all_reduce(torch.tensor([n_seq, n_tok_local], device=dist.device))  # global sequences, tokens
+        most = int(dist.all_reduce(torch.tensor(n_seq, device=dist.device), "max"))  # the busiest rank's sequences
         if totals[0] > 0:
             adv = grpo.group_advantages(torch.tensor(kept_rewards), G, scale=cfg.advantage_scale) if kept \
                 else torch.zeros(0)
-            pad = int(totals[2]) - n_seq  # sequences with zero mask and zero advantage: no gradient, same collectives
+            pad = most - n_seq  # sequences with zero mask and zero advantage: no gradient, same collectives
             seqs = kept + [spare] * pad
             ids, attn, cmask, elogp, P = pack([p for p, _ in seqs], [ro.token_ids for _, ro in seqs],
                                               [ro.logprobs for _, ro in seqs], tok.pad_token_id or 0)
