@@ -1,50 +1,102 @@
 """Token log-probs and LM losses from hidden states, in chunks.
 
 The full [tokens x vocab] logits never sit in memory at once: each chunk of rows is projected,
-reduced to what is needed (the target's log-prob, the entropy) and dropped; under autograd each
-chunk is checkpointed, so backward recomputes its logits instead of keeping them.
+reduced to what is needed (the target's log-prob, the entropy) and dropped; backward
+recomputes a chunk's logits instead of keeping them (r1.logprobs._HeadLogprobs).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_stats(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, temperature: float,
-                 with_entropy: bool) -> tuple[Tensor, Tensor]:
-    logits = (h_ND @ weight_VD.T).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    # cross_entropy fuses log-softmax and the gather, and its backward is one pass (softmax - onehot)
-    logp = -F.cross_entropy(logits, targets_N, reduction="none")
-    if with_entropy:
-        ent = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
-    else:
-        ent = torch.zeros_like(logp)
-    return logp, ent
+def _compute_dtype(h: Tensor, w: Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on (as a plain h @ w.T would get), else the inputs' common one."""
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h.dtype, w.dtype)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Fused output head + log-softmax + gather (+ entropy), by chunks of rows, z = h W^T / temperature:
+
+        logp_n = log p_n[t_n],  log p_n = log_softmax(z_n),  H_n = -sum_v p_nv log p_nv
+        dlogp_n/dz_n = onehot(t_n) - p_n,   dH_n/dz_n = -p_n * (log p_n + H_n)
+        dz = g_logp (onehot - p) + g_H dH/dz,  dh = dz W / temperature,  dW = dz^T h / temperature
+
+    Why not autograd over `cross_entropy`: its backward allocates and fills a zero [rows x vocab] tensor, then
+    another for log_softmax's gradient; here the gradient is built in place in the log-softmax buffer
+    (exp, scale, scatter). One chunk (rows <= chunk) keeps its log-softmax for backward; with more chunks each
+    one's is recomputed there, so [tokens x vocab] fp32 never sits in memory at once. The kept buffer is
+    consumed by backward (a second backward through the same graph raises autograd's in-place error)."""
+
+    @staticmethod
+    def forward(ctx: Any, h_ND: Tensor, w_VD: Tensor, t_N: Tensor, temperature: float, with_entropy: bool,
+                chunk: int) -> tuple[Tensor, Tensor]:
+        N, cdt = h_ND.shape[0], _compute_dtype(h_ND, w_VD)
+        logp_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
+        ent_N = torch.zeros(N, dtype=torch.float32, device=h_ND.device)
+        lsm = None
+        for s in range(0, N, chunk):
+            lsm = _log_softmax(h_ND[s:s + chunk], w_VD, temperature, cdt)
+            logp_N[s:s + chunk] = lsm.gather(1, t_N[s:s + chunk, None]).squeeze(1)
+            if with_entropy:
+                ent_N[s:s + chunk] = -(lsm.exp() * lsm).sum(-1)
+        ctx.set_materialize_grads(False)  # an unused output (the entropy, usually) gets None, not zeros
+        ctx.keep = N <= chunk
+        ctx.save_for_backward(h_ND, w_VD, t_N, ent_N, lsm if ctx.keep else None)
+        ctx.temperature, ctx.chunk, ctx.cdt = temperature, chunk, cdt
+        return logp_N, ent_N
+
+    @staticmethod
+    def backward(ctx: Any, g_logp: Tensor | None, g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
+        h_ND, w_VD, t_N, ent_N, kept = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        T, cdt = ctx.temperature, ctx.cdt
+        g_logp = torch.zeros_like(ent_N) if g_logp is None else g_logp.float()
+        wc = w_VD.to(cdt)
+        with_entropy_grad = g_ent is not None
+        grad_h = torch.empty_like(h_ND) if need_h else None
+        grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
+        for s in range(0, h_ND.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            lsm = kept if ctx.keep else _log_softmax(h_ND[s:e], w_VD, T, cdt)
+            if with_entropy_grad:  # dz = p * (-g_logp - g_H (log p + H))
+                coef = (lsm + ent_N[s:e, None]).mul_(-g_ent[s:e, None].float()).sub_(g_logp[s:e, None])
+                dz = lsm.exp_().mul_(coef)
+            else:
+                dz = lsm.exp_().mul_(-g_logp[s:e, None])
+            dz.scatter_add_(1, t_N[s:e, None], g_logp[s:e, None])  # + g_logp onehot(t)
+            if T != 1.0:
+                dz.div_(T)
+            dzc = dz.to(cdt)
+            if need_h:
+                grad_h[s:e] = dzc @ wc
+            if need_w:
+                if cdt == torch.float32:
+                    grad_w.addmm_(dzc.T, h_ND[s:e].float())
+                else:
+                    grad_w += (dzc.T @ h_ND[s:e].to(cdt)).float()
+        return grad_h, None if grad_w is None else grad_w.to(w_VD.dtype), None, None, None, None
+
+
+def _log_softmax(h_nD: Tensor, w_VD: Tensor, temperature: float, cdt: torch.dtype) -> Tensor:
+    with torch.autocast(h_nD.device.type, enabled=False):
+        z = (h_nD.to(cdt) @ w_VD.to(cdt).T).float()
+    return torch.log_softmax(z.div_(temperature) if temperature != 1.0 else z, -1)
 
 
 def token_logprobs(hidden_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor, temperature: float = 1.0,
                    chunk: int = 4096, with_entropy: bool = False) -> tuple[Tensor, Tensor]:
     """log softmax(h W^T / temperature)[target] per position, and the entropy of that distribution
-    (zeros unless with_entropy). Shapes [B, T]; fp32."""
+    (zeros unless with_entropy). Shapes [B, T]; fp32. Differentiable in h and W (see _HeadLogprobs)."""
     B, T, D = hidden_BTD.shape
-    h_ND, t_N = hidden_BTD.reshape(-1, D), targets_BT.reshape(-1)
-    logps, ents = [], []
-    for s in range(0, h_ND.shape[0], chunk):
-        args = (h_ND[s:s + chunk], weight_VD, t_N[s:s + chunk], temperature, with_entropy)
-        # one chunk: keep its logits for backward rather than recompute them (no memory to save)
-        if torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad) \
-                and h_ND.shape[0] > chunk:
-            lp, en = checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            lp, en = _chunk_stats(*args)
-        logps.append(lp)
-        ents.append(en)
-    return torch.cat(logps).view(B, T), torch.cat(ents).view(B, T)
+    logp, ent = _HeadLogprobs.apply(hidden_BTD.reshape(-1, D), weight_VD, targets_BT.reshape(-1), temperature,
+                                    with_entropy, chunk)
+    return logp.view(B, T), ent.view(B, T)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -156,15 +156,47 @@ def test_chunked_logprobs_equal_full_and_grads():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2, strict=True))
 
 
+@pytest.mark.parametrize("chunk", [3, 1000])  # recomputed per chunk in backward / one chunk kept
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_gradients_with_entropy_and_temperature(chunk, temperature):
+    """The fused head's hand-written backward (log-prob and entropy terms, in place) against autograd
+    through torch's own log_softmax, for arbitrary upstream gradients of both outputs."""
+    torch.manual_seed(7)
+    h = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (3, 5))
+    g_lp, g_ent = torch.randn(3, 5), torch.randn(3, 5)
+    lp, ent = token_logprobs(h, w, t, temperature=temperature, chunk=chunk, with_entropy=True)
+    logp_all = torch.log_softmax(h @ w.T / temperature, -1)
+    ref_lp = logp_all.gather(-1, t[..., None]).squeeze(-1)
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    assert torch.allclose(lp, ref_lp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    ours = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (h, w))
+    ref = torch.autograd.grad((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum(), (h, w))
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # one chunk: backward consumes the kept buffer, so a second pass through the same graph must raise
+    # (autograd's version check), never return a wrong gradient; recomputed chunks can run twice
+    lp, _ = token_logprobs(h, w, t, chunk=chunk)
+    g1 = torch.autograd.grad(lp.sum(), h, retain_graph=True)[0]
+    if chunk >= h.shape[0] * h.shape[1]:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(lp.sum(), h)
+    else:
+        assert torch.equal(torch.autograd.grad(lp.sum(), h)[0], g1)
+
+
 def test_mtp_learns_copy_shift_task():
     """Sequences that repeat with period 5: token i+2 is predictable from the prefix, so the MTP
-    head (which predicts t_{i+2}) must get well below its initial loss."""
+    head (which predicts t_{i+2}) must get well below its initial loss. When it gets there depends on
+    rounding (routing is discrete): at 200 steps one seed in five of the same setup was still above 0.4x,
+    so the test runs 300 (all five seeds below 0.32x)."""
     torch.manual_seed(5)
     c = PRESETS["tiny"].replace(vocab_size=32, num_hidden_layers=2, seq_aux_loss_alpha=0.0)
     m = V3ForCausalLM(c).train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     history = []
-    for _ in range(200):
+    for _ in range(300):
         base = torch.randint(0, 32, (16, 5))
         ids = base.repeat(1, 5)
         out = m(ids)
