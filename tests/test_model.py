@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _v3ref import hf_copy, randomize
 
 from r1.logprobs import full_logprobs, lm_loss, token_logprobs
@@ -184,6 +185,24 @@ def test_fused_head_gradients_with_entropy_and_temperature(chunk, temperature):
             torch.autograd.grad(lp.sum(), h)
     else:
         assert torch.equal(torch.autograd.grad(lp.sum(), h)[0], g1)
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+def test_swiglu_backward_in_place(leaf):
+    """The experts' SwiGLU writes its gradient into its input's buffer when that input is an intermediate:
+    gradients equal autograd's through silu(gate) * up, and a leaf's data is never overwritten."""
+    from r1.model.model import swiglu
+
+    torch.manual_seed(8)
+    base = torch.randn(2, 6, 10, requires_grad=True)
+    g = torch.randn(2, 6, 5)
+    gu = base if leaf else base * 1.5
+    before = base.detach().clone()
+    got = torch.autograd.grad(swiglu(gu), base, g)[0]
+    ref_in = base if leaf else base * 1.5
+    ref = torch.autograd.grad(F.silu(ref_in[..., :5]) * ref_in[..., 5:], base, g)[0]
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert torch.equal(base.detach(), before)
 
 
 def test_mtp_learns_copy_shift_task():
