@@ -205,6 +205,22 @@ def test_swiglu_backward_in_place(leaf):
     assert torch.equal(base.detach(), before)
 
 
+def test_rmsnorm_cpu_backward_equals_autograd():
+    """The hand-written CPU RMSNorm backward against autograd through F.rms_norm (input and weight grads)."""
+    from r1.model.model import RMSNorm
+
+    torch.manual_seed(9)
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 7, 24) * 3).requires_grad_()
+    g = torch.randn(3, 7, 24)
+    got = torch.autograd.grad(norm(x), (x, norm.weight), g)
+    ref = torch.autograd.grad(F.rms_norm(x, (24,), norm.weight, 1e-5), (x, norm.weight), g)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_mtp_learns_copy_shift_task():
     """Sequences that repeat with period 5: token i+2 is predictable from the prefix, so the MTP
     head (which predicts t_{i+2}) must get well below its initial loss. When it gets there depends on

@@ -49,8 +49,32 @@ class RMSNorm(nn.Module):
         # In fp32 for stability, cast back before the weight (as transformers and DeepSeek do). F.rms_norm
         # is the same x * rsqrt(mean(x^2) + eps) * w in one call (decoding is bound by the number of ops).
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormCPU.apply(x, self.weight, self.eps)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """y = x r w, r = rsqrt(mean(x^2) + eps), with the backward in 5 passes (CPU torch has no fused RMSNorm
+    backward; autograd's composite one takes ~20 ops, 1.5x the time):
+        dx = r (g w) - x r^3 <g w, x> / D,    dw = sum_rows g x r"""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, w: Tensor, eps: float) -> Tensor:
+        y, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)
+        ctx.save_for_backward(x, w, r)
+        return y
+
+    @staticmethod
+    def backward(ctx: object, g: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, w, r = ctx.saved_tensors
+        D = x.shape[-1]
+        gw = g * w
+        coef = r.pow(3).mul_(torch.linalg.vecdot(gw, x).unsqueeze(-1)).div_(-D)
+        dx = gw.mul_(r).addcmul_(x, coef)
+        dw = torch.linalg.vecdot((g * x).reshape(-1, D), r.reshape(-1, 1), dim=0)
+        return dx, dw, None
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
