@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,19 +39,46 @@ def _run(config_cls: type, fn: Callable[[Any], Any]) -> Callable[[argparse.Names
     """A subcommand that loads a typed recipe (every error before any compute) and runs `fn` on it."""
 
     def cmd(args: argparse.Namespace) -> int:
-        import torch
 
         from r1.config import load_config
 
         recipe, overrides = split_recipe(args.recipe)
         try:
             fn(load_config(config_cls, recipe, overrides))
-        finally:  # a process group left to the interpreter's exit can abort in gloo's threads
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+        except BaseException:
+            _destroy_process_group()
+            raise
+        if _destroy_process_group():
+            _exit_now()
         return 0
 
     return cmd
+
+
+def _destroy_process_group() -> bool:
+    """Destroy the process group of an `accelerate launch` run; False when there was none."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    torch.distributed.destroy_process_group()
+    return True
+
+
+def _exit_now() -> None:
+    """End a finished multi-process run without the interpreter's teardown. Even with the process group destroyed,
+    a rank has aborted there ("terminate called without an active exception": a C++ thread still joinable while
+    static objects are destroyed) in 1 of many two-process test runs, turning a finished run into a failed one.
+    Everything was written and flushed by then; the reward worker processes are closed here, as atexit would."""
+    import logging
+
+    from rewards.pool import _close_all
+
+    _close_all()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train(cfg: Any) -> Any:

@@ -75,6 +75,23 @@ def test_sinkhorn_gradient_equals_plain_autograd(scale):
     assert torch.autograd.gradcheck(lambda t: sinkhorn(t, iters=60), (small,))
 
 
+def test_norm_projection_matches_autograd_and_finite_differences():
+    """RMSNorm(x) W through _NormProject's hand-written backward, against finite differences and against
+    autograd through the plain expression (fp64)."""
+    from r1.model.hc import _NormProject
+
+    torch.manual_seed(2)
+    x = (3 * torch.randn(30, 16, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(16, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _NormProject.apply(a, b, 1e-6), (x, w))
+    g = torch.randn(6, 30, dtype=torch.float64)
+    got = torch.autograd.grad(_NormProject.apply(x, w, 1e-6), (x, w), g)
+    plain = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) @ w
+    ref = torch.autograd.grad(plain.T, (x, w), g)
+    for a, b in zip(got, ref, strict=True):
+        assert (a - b).abs().max() < 1e-10
+
+
 # ---------------------------------------------------------------------------------------------- the module
 @pytest.mark.parametrize("mode", ["hc", "mhc"])
 def test_init_meets_the_equivalence_condition(mode):
