@@ -86,7 +86,11 @@ class _HeadLogprobs(torch.autograd.Function):
 def _log_softmax(h_nD: Tensor, w_VD: Tensor, temperature: float, cdt: torch.dtype) -> Tensor:
     with torch.autocast(h_nD.device.type, enabled=False):
         z = (h_nD.to(cdt) @ w_VD.to(cdt).T).float()
-    return torch.log_softmax(z.div_(temperature) if temperature != 1.0 else z, -1)
+    if temperature != 1.0:
+        z.div_(temperature)
+    # in place on the CPU (the kernel finishes reading a row before writing it): a second fresh [rows x vocab]
+    # buffer costs ~5x the log-softmax itself in page faults
+    return torch._log_softmax(z, -1, False, out=z) if z.device.type == "cpu" else torch.log_softmax(z, -1)
 
 
 def token_logprobs(hidden_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor, temperature: float = 1.0,
