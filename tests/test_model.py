@@ -244,6 +244,26 @@ def test_mtp_learns_copy_shift_task():
     assert last < 0.4 * first, (first, last)
 
 
+def test_gathered_decode_experts_equal_the_sorted_path():
+    """Decoding a few tokens gathers each chosen expert's weights (no sort / count / scatter); the output must be
+    the sorted grouped path's, and above the size limit the sorted path runs."""
+    torch.manual_seed(10)
+    moe = MoE(PRESETS["tiny"].replace(n_group=1, topk_group=1)).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(6, 1, moe.c.hidden_size)
+    with torch.inference_mode():
+        x_ND = x.view(6, -1)
+        w, idx, _ = moe.gate(x_ND)
+        assert moe.experts.gathered(x_ND, idx, w) is not None
+        fast = moe(x)[0]
+        limit, moe.experts.GATHER_MAX_BYTES = moe.experts.GATHER_MAX_BYTES, 0
+        assert moe.experts.gathered(x_ND, idx, w) is None
+        slow = moe(x)[0]
+        moe.experts.GATHER_MAX_BYTES = limit
+    assert torch.allclose(fast, slow, atol=1e-6)
+
+
 def test_balancing_fixes_a_skewed_router():
     """Router weights made to prefer experts 0 and 1; the bias update (gamma 1e-3 per step, the V3
     default, and 1e-2 here to keep the test short) brings max/mean load under 1.3 within 150 steps."""
