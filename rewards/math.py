@@ -99,6 +99,12 @@ def check(item: tuple[str, str]) -> float:
     return float(bool(g and p and verify(g, p, timeout_seconds=None)))
 
 
+def worker_init() -> None:
+    """Run in each new pool worker before it reports ready: imports math-verify and sympy and parses once, so the
+    first real item's timeout does not include that (a replacement worker's first item otherwise timed out)."""
+    check(("\\frac{1}{2}", "0.5"))
+
+
 def verify_answers(golds: Sequence[Any], preds: Sequence[str | None], timeout: float = 3.0,
                    workers: int = 2) -> list[float]:
     """Score bare answers against golds: 1.0 / 0.0; a missing, unparsable or timed-out answer is 0."""

@@ -63,6 +63,11 @@ def _serve(target: str, memory_mb: int | None, soft_timeout: float) -> None:
     # The soft alarm ends Python-level runaways cheaply; C-level ones (huge powers) need the parent's kill.
     signal.signal(signal.SIGALRM, on_alarm)
     fn = load(target)
+    # A target's module may define worker_init() to import and warm what its first item would otherwise pay for
+    # under that item's timeout (math-verify's first parse: ~0.5 s, more than a short timeout allows).
+    init = getattr(sys.modules[fn.__module__], "worker_init", None)
+    if init is not None:
+        init()
     out.write(_frame(_READY))
     while (hdr := inp.read(_HDR.size)) and len(hdr) == _HDR.size:
         for item in pickle.loads(inp.read(_HDR.unpack(hdr)[0])):
