@@ -201,8 +201,9 @@ class MLA(nn.Module):
         q_nope_BTHC, q_pe_BTHR = q.view(B, T, H, C + R).split([C, R], dim=-1)
         ckv_BTL, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([L, R], dim=-1)
         ckv_BTL = self.kv_a_layernorm(ckv_BTL)
-        q_pe_BTHR = apply_rope(q_pe_BTHR, rope, c.rope_interleave)
-        k_pe_BTR = apply_rope(k_pe_BTR, rope[:, :, 0], c.rope_interleave)
+        # the shared rope key rides along as head H: one rotation call for q and k (decoding counts ops)
+        pe_BTXR = apply_rope(torch.cat([q_pe_BTHR, k_pe_BTR.unsqueeze(2)], dim=2), rope, c.rope_interleave)
+        q_pe_BTHR, k_pe_BTR = pe_BTXR[:, :, :H], pe_BTXR[:, :, H]
 
         if cache is not None:
             kv_BSX = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
