@@ -48,7 +48,7 @@ class _HeadLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output (the entropy, usually) gets None, not zeros
         ctx.keep = N <= chunk
         ctx.save_for_backward(h_ND, w_VD, t_N, ent_N, lsm if ctx.keep else None)
-        ctx.temperature, ctx.chunk, ctx.cdt = temperature, chunk, cdt
+        ctx.temperature, ctx.chunk, ctx.cdt, ctx.with_entropy = temperature, chunk, cdt, with_entropy
         return logp_N, ent_N
 
     @staticmethod
@@ -58,7 +58,7 @@ class _HeadLogprobs(torch.autograd.Function):
         T, cdt = ctx.temperature, ctx.cdt
         g_logp = torch.zeros_like(ent_N) if g_logp is None else g_logp.float()
         wc = w_VD.to(cdt)
-        with_entropy_grad = g_ent is not None
+        with_entropy_grad = g_ent is not None and ctx.with_entropy  # without it the entropy output is constant 0
         grad_h = torch.empty_like(h_ND) if need_h else None
         grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
         for s in range(0, h_ND.shape[0], ctx.chunk):
