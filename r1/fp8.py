@@ -325,6 +325,10 @@ class Fp8GroupedExperts(GroupedExperts):
         wq, sw = self._caches[name].get(w_EYX, self.cfg)
         return _Fp8GroupedMM.apply(x_NX, w_EYX, wq, sw, splits, self.cfg, _gemm_for(x_NX, self.cfg))
 
+    def gathered(self, x_ND: Tensor, idx_NK: Tensor, w_NK: Tensor) -> None:
+        """Never: the full-precision decode shortcut would sample from other numerics than FP8 training uses."""
+        return None
+
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         splits = counts_E.tolist()  # one host sync per layer, as the non-grouped fallback
         gate, up = self._mm(x_NsD, "gate_up_proj", splits).chunk(2, dim=-1)

@@ -275,6 +275,10 @@ def test_convert_recipe_and_decode_path():
         outs.append(model.logits(ids[:, 8:], cache=cache))
     assert m.layers[1].self_attn.kv_b_proj.weight.dtype == torch.float32
     assert rel(outs[0], outs[1]) < 0.1
+    # FP8 experts never take the full-precision decode shortcut (rollouts must use the numerics training uses)
+    K = c.num_experts_per_tok
+    one = torch.zeros(1, c.hidden_size), torch.zeros(1, K, dtype=torch.long), torch.ones(1, K)
+    assert m.layers[1].mlp.experts.gathered(*one) is None and ref.layers[1].mlp.experts.gathered(*one) is not None
 
 
 def test_weight_cache_follows_the_master():
