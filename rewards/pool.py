@@ -64,7 +64,7 @@ def _serve(target: str, memory_mb: int | None, soft_timeout: float) -> None:
     signal.signal(signal.SIGALRM, on_alarm)
     fn = load(target)
     # A target's module may define worker_init() to import and warm what its first item would otherwise pay for
-    # under that item's timeout (math-verify's first parse: ~0.5 s, more than a short timeout allows).
+    # under that item's timeout (math-verify's import and first parse: ~0.3 s here, most of a short timeout).
     init = getattr(sys.modules[fn.__module__], "worker_init", None)
     if init is not None:
         init()
