@@ -1,8 +1,8 @@
 """Token log-probs and LM losses from hidden states, in chunks.
 
 The full [tokens x vocab] logits never sit in memory at once: each chunk of rows is projected,
-reduced to what is needed (the target's log-prob, the entropy) and dropped; backward
-recomputes a chunk's logits instead of keeping them (r1.logprobs._HeadLogprobs).
+reduced to what is needed (the target's log-prob, the entropy) and dropped; with several chunks
+backward recomputes each chunk's logits instead of keeping them (a single chunk is kept; see _HeadLogprobs).
 """
 
 from __future__ import annotations

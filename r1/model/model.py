@@ -67,13 +67,16 @@ class _RMSNormCPU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: object, g: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: object, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, w, r = ctx.saved_tensors
-        D = x.shape[-1]
-        gw = g * w
-        coef = r.pow(3).mul_(torch.linalg.vecdot(gw, x).unsqueeze(-1)).div_(-D)
-        dx = gw.mul_(r).addcmul_(x, coef)
-        dw = torch.linalg.vecdot((g * x).reshape(-1, D), r.reshape(-1, 1), dim=0)
+        D, (need_x, need_w) = x.shape[-1], ctx.needs_input_grad[:2]
+        dx = dw = None
+        if need_x:
+            gw = g * w
+            coef = r.pow(3).mul_(torch.linalg.vecdot(gw, x).unsqueeze(-1)).div_(-D)
+            dx = gw.mul_(r).addcmul_(x, coef)
+        if need_w:
+            dw = torch.linalg.vecdot((g * x).reshape(-1, D), r.reshape(-1, 1), dim=0)
         return dx, dw, None
 
 
