@@ -152,9 +152,15 @@ def pack(prompts: list[list[int]], completions: list[list[int]], logps: list[lis
 
 
 class JsonlLogger:
-    def __init__(self, path: Path):
+    """One JSON line per step. A fresh run starts a fresh file; a resumed one keeps the lines up to its step (a run
+    killed after logging but before checkpointing would otherwise leave those steps in the file twice)."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a")  # noqa: SIM115 - kept open for the run
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] \
+            if resume_step and path.exists() else []
+        self.f = open(path, "w")  # noqa: SIM115 - kept open for the run
+        self.f.write("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
@@ -230,7 +236,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         checkpoint.set_rng_state(state["rng_ranks"][dist.rank])
         if ref is not None:
             ref.load_state_dict(state["ref"])
-    logger = JsonlLogger(out_dir / "metrics.jsonl") if dist.main else None
+    logger = JsonlLogger(out_dir / "metrics.jsonl", resume_step=start) if dist.main else None
     tracker = None
     if cfg.report_to:  # TensorBoard / W&B through accelerate; the JSONL file is always written
         from accelerate import Accelerator

@@ -52,6 +52,8 @@ def test_resume_is_bitwise(model_dir: Path, tmp_path: Path) -> None:
     train(tiny(model_dir, tmp_path / "straight", steps=4))
     train(tiny(model_dir, tmp_path / "resumed", steps=2))
     stopped = params(checkpoint.latest(tmp_path / "resumed" / "checkpoints"))
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # as if killed after logging step 3, before saving
+        f.write(json.dumps({"step": 3, "reward": -1.0}) + "\n")
     train(tiny(model_dir, tmp_path / "resumed", steps=4, resume="auto"))
     a = params(checkpoint.latest(tmp_path / "straight" / "checkpoints"))
     b = params(checkpoint.latest(tmp_path / "resumed" / "checkpoints"))
@@ -150,6 +152,7 @@ def test_train_from_recipe_with_overrides(model_dir: Path, tmp_path: Path) -> No
     recipe.write_text(f"model: {model_dir}\nrewards: [test_trainer:digit_share]\nsteps: 5\nprompts_per_step: 2\n"
                       f"group_size: 2\nmax_tokens: 4\nprogress: false\n")
     assert main(["train", str(recipe), "steps=1", f"output_dir={tmp_path / 'run'}"]) == 0
+    assert main(["train", str(recipe), "steps=1", f"output_dir={tmp_path / 'run'}"]) == 0  # a fresh rerun, same dir
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "steps: 1\n" in saved and "group_size: 2\n" in saved  # override beat the file, the file the defaults
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
