@@ -5,7 +5,7 @@
 - `TEMPLATES`: R1-Zero's conversation template and a plain one, by name.
 - The smoke task: multi-step integer arithmetic ("7+5-3+8"), generated from a seed. Its SFT
   targets show the steps inside <think> and the value inside <answer>, so the math reward can check
-  them. Held-out problems come from a disjoint seed range.
+  them. Held-out problems come from a disjoint seed range; GRPO's prompts from a third, minus the held-out ones.
 """
 
 from __future__ import annotations
@@ -97,3 +97,12 @@ def smoke_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple
     seen = {r["prompt"] for r in train}
     test = [r for r in arithmetic_rows(3 * n_test, 20_000 + seed) if r["prompt"] not in seen][:n_test]
     return train, test
+
+
+def smoke_rl_rows(n: int = 20_000, seed: int = 0) -> list[dict[str, Any]]:
+    """GRPO's prompts: n fresh draws from the same distribution (a third seed range), with every held-out prompt
+    removed. Not the SFT rows: RL that cycles over a small set of problems (2000 rows: 4 passes in 250 steps) lets
+    the policy memorise their answers; on these ~10,000 distinct chains it has to get better at the arithmetic
+    (measured on seed 2 after a 2000-row cold start: 77.0% -> 80.0% held-out after the same 250 steps)."""
+    held_out = {r["prompt"] for r in smoke_splits(seed=seed)[1]}
+    return [r for r in arithmetic_rows(n, 30_000 + seed) if r["prompt"] not in held_out]

@@ -18,9 +18,11 @@ from r1.trainer import TrainConfig, train
 class SmokeConfig:
     output_dir: str = "runs/smoke"
     seed: int = 0
-    sft_steps: int = 400  # cold start: 400 x 32 worked solutions; 250 leaves the model too weak to learn from reward
-    sft_rows: int = 0  # 0 = all 2000 training problems
-    grpo_steps: int = 250
+    sft_steps: int = 400  # cold start: 400 batches of 32 drawn from sft_rows worked solutions
+    # 400 solutions: the cold start learns the format and some facts (~25-30% held-out); with all 2000 it lands at
+    # 39-86% depending on the seed, and GRPO then mostly sharpens what greedy decoding already picks
+    sft_rows: int = 400
+    grpo_steps: int = 500  # the policy is still improving at 250 (seed 2: +9.0 points at 250)
     grpo_lr: float = 1e-4  # 1/30 of the SFT lr: Adam's early steps are sign-like, noisy RL gradients need small ones
     grpo_prompts: int = 32  # x G = 8 samples per step
     eval_problems: int = 200

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from r1 import checkpoint, grpo
 from r1.config import save_config
-from r1.data import load_rows, render, smoke_splits
+from r1.data import load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
 from r1.model.model import V3ForCausalLM, expert_load_metrics, update_router_biases
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by {dist.world} processes")
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
     reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
-    rows = smoke_splits(seed=cfg.seed)[0] if cfg.dataset == "smoke" else \
+    rows = smoke_rl_rows(seed=cfg.seed) if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key or cfg.prompt_key), cfg.dataset_config)
     policy = load_policy(cfg.model).to(dist.device).train()
     tok = load_tokenizer(cfg.tokenizer or cfg.model)

@@ -240,6 +240,9 @@ def test_smoke_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert len((tmp_path / "grpo" / "heldout_generations.jsonl").read_text().splitlines()) == 8
     assert (tmp_path / "curves.png").stat().st_size > 1000
     heldout = [json.loads(x)["prompt"] for x in (tmp_path / "heldout.jsonl").read_text().splitlines()]
-    from r1.data import smoke_splits
+    from r1.data import smoke_rl_rows, smoke_splits
 
-    assert not set(heldout) & {r["prompt"] for r in smoke_splits(seed=0)[0]}  # held out means unseen
+    assert not set(heldout) & {r["prompt"] for r in smoke_splits(seed=0)[0]}  # held out means unseen: by SFT
+    rl = smoke_rl_rows(seed=0)
+    assert not set(heldout) & {r["prompt"] for r in rl}  # and by GRPO
+    assert len({r["prompt"] for r in rl}) > 5000 and all(str(eval(r["prompt"])) == r["answer"] for r in rl[:500])
