@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 import rollouts  # noqa: E402
 from r1 import trainer  # noqa: E402
-from r1.data import render, smoke_splits  # noqa: E402
+from r1.data import render, smoke_rl_rows  # noqa: E402
 from r1.model.config import PRESETS  # noqa: E402
 from r1.model.model import V3ForCausalLM  # noqa: E402
 from r1.tokenizer import load_tokenizer  # noqa: E402
@@ -149,10 +149,10 @@ def run_ours(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: in
 
 
 def trl_dataset(args: argparse.Namespace, steps: int) -> Any:
-    """Our trainer's prompts in our trainer's order: the smoke train split shuffled by Random(seed), BOS first."""
+    """Our trainer's prompts in our trainer's order: the smoke RL prompts shuffled by Random(seed), BOS first."""
     import datasets
 
-    rows = smoke_splits(seed=args.seed)[0]
+    rows = smoke_rl_rows(seed=args.seed)
     order = list(range(len(rows)))
     random.Random(args.seed).shuffle(order)
     order = order[:steps * args.prompts]
@@ -246,7 +246,7 @@ def main() -> None:
         make_model(model_dir, args.seed)
         tok = load_tokenizer(str(model_dir))
         sample = [[tok.bos_token_id] + tok(render("smoke", r["prompt"]))["input_ids"]
-                  for r in smoke_splits(seed=args.seed)[0][:8]]
+                  for r in smoke_rl_rows(seed=args.seed)[:8]]
         gap = check_same_model(model_dir, sample)
         n_params = sum(p.numel() for p in load_policy(str(model_dir)).parameters())
 
