@@ -12,6 +12,7 @@ when greedy): the distribution the trainer recomputes from the policy's logits.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,23 +57,32 @@ class NoiseStreams:
 
 
 def truncate(logits_BV: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
-    """Set to -inf the tokens that top-k, then top-p, then min-p remove (logits already / T)."""
+    """Set to -inf the tokens that top-k, then top-p, then min-p remove (logits already / T). top-p keeps the
+    smallest prefix of the sorted tokens whose mass reaches top_p, plus any token tied with its last one."""
     V = logits_BV.shape[-1]
     if 0 < top_k < V:
         kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
     if top_p < 1.0:
-        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        sorted_BV = _sorted_descending(logits_BV)
         p_BV = sorted_BV.softmax(-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass (the top one stays)
-        drop_sorted = (p_BV.cumsum(-1) - p_BV) >= top_p
-        drop_sorted[:, 0] = False
-        drop_BV = torch.zeros_like(drop_sorted).scatter_(-1, order_BV, drop_sorted)
-        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
+        # keep the tokens ranked before the mass above them reaches top_p (the top one always stays), i.e. every
+        # token whose logit is at least the last kept one's: a threshold, so no sort indices and no scatter back
+        n_keep_B1 = ((p_BV.cumsum(-1) - p_BV) < top_p).sum(-1, keepdim=True).clamp(min=1)
+        logits_BV = logits_BV.masked_fill(logits_BV < sorted_BV.gather(-1, n_keep_B1 - 1), float("-inf"))
     if min_p > 0.0:
         p_BV = logits_BV.softmax(-1)
         logits_BV = logits_BV.masked_fill(p_BV < min_p * p_BV.amax(-1, keepdim=True), float("-inf"))
     return logits_BV
+
+
+def _sorted_descending(x_BV: Tensor) -> Tensor:
+    """Each row's values, largest first. On CPU through numpy: in the decode loop, right after a forward pass,
+    torch.sort of a [16, 256] batch measured ~160 us against ~30 us for numpy's sort (and torch always computes the
+    indices too)."""
+    if x_BV.device.type != "cpu":
+        return x_BV.sort(dim=-1, descending=True).values
+    return torch.from_numpy(np.sort(x_BV.detach().numpy(), axis=-1)[:, ::-1].copy())
 
 
 def sample(logits_BV: Tensor, sp: SamplingParams, generators: list[torch.Generator],

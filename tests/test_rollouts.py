@@ -201,6 +201,19 @@ def test_truncation_filters():
     assert kept(top_p=0.01) == [True, False, False, False]  # the most likely token always stays
     assert kept(min_p=0.35) == [True, True, False, False]  # p >= 0.35 * 0.5
     assert kept(top_k=3, top_p=0.95, min_p=0.25) == [True, True, True, False]
+    tied = torch.log(torch.tensor([[0.4, 0.3, 0.3]]))  # a cut between equal logits keeps both (no arbitrary order)
+    assert torch.isfinite(truncate(tied, top_p=0.5))[0].tolist() == [True, True, True]
+    # the same tokens as a sort-and-scatter reference on random rows (no ties)
+    torch.manual_seed(0)
+    for scale in (0.1, 1.0, 5.0):
+        x = torch.randn(16, 256) * scale
+        for top_p in (0.01, 0.5, 0.9, 0.95, 0.999):
+            s, order = x.sort(-1, descending=True)
+            p = s.softmax(-1)
+            drop = (p.cumsum(-1) - p) >= top_p
+            drop[:, 0] = False
+            ref = ~torch.zeros_like(drop).scatter_(-1, order, drop)
+            assert torch.equal(torch.isfinite(truncate(x, top_p=top_p)), ref)
 
 
 def test_sampler_draws_the_truncated_distribution():
