@@ -62,7 +62,8 @@ def main() -> None:
     for mode in MODES:
         torch.manual_seed(0)  # the same standard weights in all three (HC parameters come on top)
         models[mode] = V3ForCausalLM(base.replace(residual=mode)).train()
-        opts[mode] = torch.optim.AdamW(models[mode].parameters(), lr=args.lr, weight_decay=0.0)
+        # fused, as r1's trainer and SFT use it (the per-parameter loop would charge HC's 48 small tensors)
+        opts[mode] = torch.optim.AdamW(models[mode].parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     losses: dict[str, list[float]] = {m: [] for m in MODES}
     times: dict[str, list[float]] = {m: [] for m in MODES}
     gains: dict[str, list[float]] = {m: [1.0, 1.0] for m in MODES}

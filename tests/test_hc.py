@@ -111,6 +111,31 @@ def test_norm_projection_matches_autograd_and_finite_differences():
         assert (a - b).abs().max() < 1e-10
 
 
+def test_stream_read_mix_and_write_back_against_finite_differences():
+    """_ReadAndMix (H_pre x, H_res x) and _WriteBack (xr + H_post^T y, in place) with their hand-written
+    backwards, fp64, including a gradient that reaches x_BTnD through both of its consumers."""
+    from r1.model.hc import _ReadAndMix, _WriteBack
+
+    torch.manual_seed(4)
+    n, D = 3, 5
+    x = torch.randn(2, 3, n, D, dtype=torch.float64, requires_grad=True)
+    pre = torch.randn(6, n, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(6, n, n, dtype=torch.float64, requires_grad=True)
+    post = torch.randn(6, n, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ReadAndMix.apply, (x, pre, res))
+    assert torch.autograd.gradcheck(lambda a, b, c: _WriteBack.apply(a.clone(), b, c), (torch.randn(6, n, D, dtype=torch.float64, requires_grad=True), post, y))
+
+    def block(x, pre, res, post):  # H_res x + H_post^T tanh(H_pre x), the HyperConnection's data flow
+        h, xr = _ReadAndMix.apply(x, pre, res)
+        return _WriteBack.apply(xr, post, h.tanh())
+
+    assert torch.autograd.gradcheck(block, (x, pre, res, post))
+    xf = x.reshape(6, n, D)
+    plain = res @ xf + post.unsqueeze(-1) * (pre.unsqueeze(-2) @ xf).tanh()
+    assert (block(x, pre, res, post).reshape(6, n, D) - plain).abs().max() < 1e-12
+
+
 # ---------------------------------------------------------------------------------------------- the module
 @pytest.mark.parametrize("mode", ["hc", "mhc"])
 def test_init_meets_the_equivalence_condition(mode):

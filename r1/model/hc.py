@@ -171,6 +171,23 @@ class _ReadAndMix(torch.autograd.Function):
         return dx, torch.bmm(g_h, x_t).squeeze(-2), torch.bmm(g_r, x_t)
 
 
+class _WriteBack(torch.autograd.Function):
+    """x_next = xr + H_post^T y (xr [N, n, D], H_post [N, n], y [N, D]), added into xr in place; the
+    backward passes the gradient through to xr as it is."""
+
+    @staticmethod
+    def forward(ctx: object, xr: Tensor, post: Tensor, y: Tensor) -> Tensor:
+        ctx.mark_dirty(xr)
+        ctx.save_for_backward(post, y)
+        return xr.baddbmm_(post.unsqueeze(-1), y.unsqueeze(-2))
+
+    @staticmethod
+    def backward(ctx: object, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        post, y = ctx.saved_tensors
+        # bmm, not vecdot: vecdot writes g * y, a fresh [N, n, D] temporary (page faults cost more than the bmm)
+        return g, torch.bmm(g, y.unsqueeze(-1)).squeeze(-1), torch.bmm(post.unsqueeze(-2), g).squeeze(-2)
+
+
 def expand_streams(x_BTD: Tensor, n: int) -> Tensor:
     return x_BTD.unsqueeze(-2).expand(*x_BTD.shape[:-1], n, x_BTD.shape[-1]).contiguous()
 
@@ -241,9 +258,7 @@ class HyperConnection(nn.Module):
         dt, shape = x_BTnD.dtype, x_BTnD.shape
         h, xr = _ReadAndMix.apply(x_BTnD, pre.to(dt).reshape(-1, self.n), res.to(dt).reshape(-1, self.n, self.n))
         y_BTD, aux = fn(h.view(*shape[:-2], shape[-1]))
-        # H_post^T y added into H_res x in place, a rank-1 baddbmm_: its backward is two bmms and passes
-        # the gradient of x_next through to xr as it is; no [N, n, D] temporaries
-        x_next = xr.baddbmm_(post.to(dt).reshape(-1, self.n, 1), y_BTD.reshape(-1, 1, shape[-1]))
+        x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, self.n), y_BTD.reshape(-1, shape[-1]))
         return x_next.view(shape), aux
 
 
