@@ -266,23 +266,28 @@ class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up on the two halves of one [N, 2I] tensor. Backward keeps only the input and writes both
     halves' gradients into that input's own buffer (dead once backward has read it): no fresh [N, 2I] tensor
     (autograd's chunk backward would cat the halves; a new 2I-wide buffer per MoE layer costs page faults on
-    CPU), silu(gate) recomputed. A second backward through the same graph raises autograd's in-place error."""
+    CPU), silu(gate) recomputed. Forward and backward each write one fresh [N, I] tensor, the rest in place:
+    on CPU a fresh 16 MiB tensor costs more in page faults than the arithmetic on it. A second backward
+    through the same graph raises autograd's in-place error."""
 
     @staticmethod
     def forward(ctx: object, gu_NY: Tensor) -> Tensor:
         gate, up = gu_NY.chunk(2, dim=-1)
         ctx.save_for_backward(gu_NY)
         ctx.reuse = gu_NY.grad_fn is not None  # an intermediate (expert GEMM output), never a leaf's data
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx: object, g_NI: Tensor) -> Tensor:
         (gu_NY,) = ctx.saved_tensors
         gate, up = gu_NY.chunk(2, dim=-1)
+        I = gate.shape[-1]
         grad_NY = gu_NY if ctx.reuse else torch.empty_like(gu_NY)
-        d_gate = torch.ops.aten.silu_backward(g_NI * up, gate)  # d/dgate = g * up * silu'(gate)
-        torch.mul(F.silu(gate), g_NI, out=grad_NY[..., gate.shape[-1]:])  # d/dup = g * silu(gate) (up read above)
-        grad_NY[..., :gate.shape[-1]].copy_(d_gate)
+        d_gate = g_NI * up  # then d/dgate = g * up * silu'(gate), in place
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        # d/dup = g * silu(gate), written over up (read above); then d/dgate over gate (read just now)
+        torch.ops.aten.silu.out(gate, out=grad_NY[..., I:]).mul_(g_NI)
+        grad_NY[..., :I].copy_(d_gate)
         return grad_NY
 
 
