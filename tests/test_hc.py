@@ -124,7 +124,8 @@ def test_stream_read_mix_and_write_back_against_finite_differences():
     post = torch.randn(6, n, dtype=torch.float64, requires_grad=True)
     y = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_ReadAndMix.apply, (x, pre, res))
-    assert torch.autograd.gradcheck(lambda a, b, c: _WriteBack.apply(a.clone(), b, c), (torch.randn(6, n, D, dtype=torch.float64, requires_grad=True), post, y))
+    xr = torch.randn(6, n, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: _WriteBack.apply(a.clone(), b, c), (xr, post, y))
 
     def block(x, pre, res, post):  # H_res x + H_post^T tanh(H_pre x), the HyperConnection's data flow
         h, xr = _ReadAndMix.apply(x, pre, res)

@@ -56,8 +56,8 @@ class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: object, logits: Tensor, iters: int, i: int, j: int) -> Tensor:
         m = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        m = m - m.logsumexp(j, keepdim=True)
-        k = (m - m.logsumexp(i, keepdim=True)).exp_()
+        # the log-domain row and column normalisation, exp(m - lse_j m - lse_i(.)), as two fused kernels
+        k = torch.softmax(torch.log_softmax(m, j), i)
         for _ in range(iters - 1):
             k.div_(k.sum(j, keepdim=True))
             k.div_(k.sum(i, keepdim=True))
