@@ -46,8 +46,9 @@ class _Sinkhorn(torch.autograd.Function):
     Eliminating alpha = r - P beta (r, c = row, column sums of P*G):
         (I - P^T P + 1 1^T) beta = c - P^T r,
     an n x n solve per token. The 1 1^T term fixes the system's null direction (alpha + t, beta - t); a
-    ridge of 10 eps (1e-6 in fp32) keeps it solvable where P is nearly a permutation (I - P^T P ~ 0, and then dL/dM ~ 0
-    whatever beta is). dL/dM has zero row and column sums, as P ignores adding constants along either.
+    ridge of 10 eps (1e-6 in fp32) keeps it solvable where P is nearly a permutation (I - P^T P ~ 0, and
+    then dL/dM ~ 0 whatever beta is). dL/dM has zero row and column sums, as P ignores adding constants
+    along either.
     Why: unrolling 20 iterations in autograd costs ~200 small ops in the backward (8 per iteration, plus
     the log-domain step and the rounding), ~40% of mHC's time on CPU; this is ~15 ops. Where the 20
     iterations have converged the two gradients agree (tests/test_hc.py); where they have not, this is
