@@ -21,6 +21,7 @@ the renormalised truncated distribution (never below the untruncated ones). vLLM
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -77,8 +78,6 @@ def check_rope_layout(model: str | nn.Module) -> None:
         path = os.path.join(model, "config.json")
         if not os.path.isfile(path):
             return  # a hub name: vLLM resolves it; nothing to read here
-        import json
-
         with open(path) as f:
             cfg = json.load(f)
         model_type, interleave = cfg.get("model_type"), cfg.get("rope_interleave", True)
