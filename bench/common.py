@@ -17,11 +17,12 @@ def peak_bytes(fn: Callable[[], object]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # walk the allocation events in order, keeping a running total
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # walk the allocation events in order, keeping a running total. Self bytes only: an op's
+    # cpu_memory_usage includes its children's (matmul -> mm -> empty would count one buffer 2-3 times).
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     cur = peak = 0
     for e in events:
-        cur += e.cpu_memory_usage
+        cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from r1.cpu_gemm import mm_nt, wgrad
+
 
 def _compute_dtype(h: Tensor, w: Tensor) -> torch.dtype:
     """The matmul dtype: autocast's when it is on (as a plain h @ w.T would get), else the inputs' common one."""
@@ -74,18 +76,15 @@ class _HeadLogprobs(torch.autograd.Function):
                 dz.div_(T)
             dzc = dz.to(cdt)
             if need_h:
-                grad_h[s:e] = dzc @ wc
+                grad_h[s:e] = mm_nt(dzc, wc.T)
             if need_w:
-                if cdt == torch.float32:
-                    grad_w.addmm_(dzc.T, h_ND[s:e].float())
-                else:
-                    grad_w += (dzc.T @ h_ND[s:e].to(cdt)).float()
+                grad_w += wgrad(dzc, h_ND[s:e].to(cdt)).float()
         return grad_h, None if grad_w is None else grad_w.to(w_VD.dtype), None, None, None, None
 
 
 def _log_softmax(h_nD: Tensor, w_VD: Tensor, temperature: float, cdt: torch.dtype) -> Tensor:
     with torch.autocast(h_nD.device.type, enabled=False):
-        z = (h_nD.to(cdt) @ w_VD.to(cdt).T).float()
+        z = mm_nt(h_nD.to(cdt), w_VD.to(cdt)).float()
     if temperature != 1.0:
         z.div_(temperature)
     # in place on the CPU (the kernel finishes reading a row before writing it): a second fresh [rows x vocab]

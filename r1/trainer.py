@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from r1 import checkpoint, grpo
 from r1.config import save_config
+from r1.cpu_gemm import use_onednn
 from r1.data import load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
@@ -95,15 +96,16 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """DeepSeek-V3 checkpoints load as the native model; any other causal LM through transformers."""
+    """DeepSeek-V3 checkpoints load as the native model; any other causal LM through transformers. Either
+    way its linears run their fp32 CPU GEMMs on oneDNN (r1/cpu_gemm.py; a no-op elsewhere)."""
     p = resolve_model(name_or_path)
     if json.loads((p / "config.json").read_text()).get("model_type") == "deepseek_v3":
         from r1.model.hf import load_hf
 
-        return load_hf(p, dtype=dtype)
+        return use_onednn(load_hf(p, dtype=dtype))
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    return use_onednn(AutoModelForCausalLM.from_pretrained(p, dtype=dtype))
 
 
 def hidden_and_head(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

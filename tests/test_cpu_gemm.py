@@ -1,0 +1,109 @@
+"""The oneDNN GEMM path (r1/cpu_gemm.py): each of its three GEMMs against an fp64 reference, the grouped
+experts against a per-expert loop, the fallbacks, and a swapped V3 model against transformers' DeepseekV3."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _v3ref import hf_copy, randomize
+
+from r1 import cpu_gemm
+from r1.cpu_gemm import MIN_ROWS, OneDNNGroupedExperts, OneDNNLinear, use_onednn
+from r1.logprobs import lm_loss
+from r1.model.config import PRESETS
+from r1.model.model import V3ForCausalLM
+
+pytestmark = pytest.mark.skipif(cpu_gemm._LP is None, reason="this torch build has no oneDNN linear op")
+
+
+def _leaves64(*ts):
+    """fp64 copies to run the reference through (torch's autograd and matmul, in double)."""
+    return [t.detach().double().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("out_features", [48, 200])  # wgrad's two forms: N <= K and N > K
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_fp64_forward_and_all_grads(out_features, bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 96, requires_grad=True)
+    w = torch.randn(out_features, 96, requires_grad=True)
+    b = torch.randn(out_features, requires_grad=True) if bias else None
+    y = cpu_gemm.linear(x, w, b)
+    assert "_Linear" in type(y.grad_fn.next_functions[0][0]).__name__  # the oneDNN Function ran (under a view)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ins = [x, w] + ([b] if bias else [])
+    ins64 = _leaves64(*ins)
+    y64 = F.linear(*ins64)
+    y64.backward(g.double())
+    assert (y.double() - y64).abs().max() < 1e-4
+    for t, t64 in zip(ins, ins64, strict=True):
+        assert t.grad.shape == t.shape
+        assert (t.grad.double() - t64.grad).abs().max() < 1e-3 * t64.grad.abs().max()
+
+
+def test_linear_reads_strided_inputs_and_small_batches_fall_back():
+    torch.manual_seed(1)
+    w = torch.randn(64, 32)
+    x = torch.randn(50, 80)[:, 10:42]  # a column slice: rows 80 apart
+    assert not x.is_contiguous()
+    assert torch.allclose(cpu_gemm.linear(x, w), x @ w.T, atol=1e-5)
+    small = torch.randn(MIN_ROWS - 1, 32)
+    assert torch.equal(cpu_gemm.linear(small, w), F.linear(small, w))  # torch's own kernel, bit for bit
+    bf = torch.randn(64, 32, dtype=torch.bfloat16)
+    assert torch.equal(cpu_gemm.linear(bf, w.bfloat16()), F.linear(bf, w.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_gemm.linear(torch.randn(64, 32), w).dtype == torch.bfloat16  # autocast still applies
+
+
+def test_grouped_mm_matches_a_loop_over_experts_including_empty_ones():
+    torch.manual_seed(2)
+    splits = [40, 0, 70, 33, 0, 57]  # two experts get no token
+    E, Y, X = len(splits), 24, 16
+    x = torch.randn(sum(splits), X, requires_grad=True)
+    w = torch.randn(E, Y, X, requires_grad=True)
+    y = cpu_gemm._GroupedMM.apply(x, w, splits)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x64, w64 = _leaves64(x, w)
+    y64 = torch.cat([xs @ w64[e].T for e, xs in enumerate(x64.split(splits))])
+    y64.backward(g.double())
+    assert (y.double() - y64).abs().max() < 1e-4
+    assert (x.grad.double() - x64.grad).abs().max() < 1e-4
+    assert (w.grad.double() - w64.grad).abs().max() < 1e-4
+    assert torch.equal(w.grad[1], torch.zeros(Y, X)) and torch.equal(w.grad[4], torch.zeros(Y, X))
+
+
+def test_swapped_v3_model_matches_transformers_and_the_unswapped_model():
+    torch.manual_seed(3)
+    c = PRESETS["tiny"].replace(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0)
+    plain = randomize(V3ForCausalLM(c)).train()
+    ref = hf_copy(plain).train()
+    fast = use_onednn(copy.deepcopy(plain))
+    kinds = {type(m) for m in fast.modules()}
+    assert OneDNNLinear in kinds and OneDNNGroupedExperts in kinds and torch.nn.Linear not in kinds
+    assert list(fast.state_dict()) == list(plain.state_dict())  # same names: checkpoints unchanged
+    ids = torch.randint(0, c.vocab_size, (4, 48))  # 192 tokens: every MoE expert above MIN_ROWS on average
+    with torch.no_grad():
+        assert (fast.logits(ids) - ref(ids).logits).abs().max() < 1e-4
+    losses = []
+    for m in (plain, fast):
+        loss, _ = lm_loss(m(ids), m.lm_head.weight, ids)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-5
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        if p.grad is not None:
+            assert (p.grad - q.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-7, name
+
+
+def test_use_onednn_reuses_parameters_and_keeps_ties():
+    lin = torch.nn.Linear(8, 4)
+    emb = torch.nn.Embedding(4, 8)
+    head = torch.nn.Linear(8, 4, bias=False)
+    head.weight = emb.weight  # tied
+    model = torch.nn.ModuleDict({"lin": lin, "emb": emb, "head": head})
+    use_onednn(model)
+    assert isinstance(model["lin"], OneDNNLinear) and model["lin"].weight is lin.weight
+    assert model["head"].weight is model["emb"].weight
