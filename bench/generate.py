@@ -30,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/_v3ref.py builds transf
 
 from _v3ref import hf_copy, randomize  # noqa: E402
 
+from r1.cpu_gemm import use_onednn  # noqa: E402
 from r1.model import PRESETS, V3ForCausalLM  # noqa: E402
 from rollouts import SamplingParams, TorchEngine  # noqa: E402
 
@@ -72,6 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = randomize(V3ForCausalLM(PRESETS[args.preset])).eval()
     theirs = hf_copy(ours).eval()
+    use_onednn(ours)  # as r1's loaders build it (r1/cpu_gemm.py): large fp32 GEMMs (the prefill) on oneDNN
     theirs.generation_config.pad_token_id = 0
     V = ours.config.vocab_size
     # left padding: prompt lengths between half and full length, as real rollout batches look

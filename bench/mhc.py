@@ -7,7 +7,7 @@ The three models step in turn, rotating the order each step, so that load on the
 alike; ms/step is the median over the steps after the first 3. Reports the final loss (mean of the last
 5 steps), the largest composite forward / backward gain of H_res seen over training (hc_metrics), and
 mhc's / hc's step-time overhead over standard.
-Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N] [--hidden 256]
+Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N] [--hidden 256] [--gemm onednn|torch]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 
+from r1.cpu_gemm import use_onednn  # noqa: E402
 from r1.logprobs import lm_loss  # noqa: E402
 from r1.model.config import PRESETS  # noqa: E402
 from r1.model.hc import hc_metrics  # noqa: E402
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=256, help="hidden size (the other dims as in the preset)")
+    ap.add_argument("--gemm", choices=("onednn", "torch"), default="onednn",
+                    help="fp32 GEMMs on oneDNN as r1's loaders set up (r1/cpu_gemm.py), or torch's matmul (MKL)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,6 +65,8 @@ def main() -> None:
     for mode in MODES:
         torch.manual_seed(0)  # the same standard weights in all three (HC parameters come on top)
         models[mode] = V3ForCausalLM(base.replace(residual=mode)).train()
+        if args.gemm == "onednn":
+            use_onednn(models[mode])
         # fused, as r1's trainer and SFT use it (the per-parameter loop would charge HC's 48 small tensors)
         opts[mode] = torch.optim.AdamW(models[mode].parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     losses: dict[str, list[float]] = {m: [] for m in MODES}
@@ -86,13 +91,15 @@ def main() -> None:
                 "max_forward_gain": gains[m][0], "max_backward_gain": gains[m][1], "ms_per_step": ms[m],
                 "overhead": ms[m] / ms["standard"] - 1} for m in MODES}
     print(f"{args.steps} steps, batch {args.batch} x seq {args.seq}, hidden {base.hidden_size}, "
-          f"{base.num_hidden_layers} layers, n = {base.hc_streams}, fp32, {torch.get_num_threads()} threads")
+          f"{base.num_hidden_layers} layers, n = {base.hc_streams}, fp32, {torch.get_num_threads()} threads, "
+          f"GEMMs: {args.gemm}")
     print(f"{'mode':10}{'final loss':>11}{'fwd gain':>10}{'bwd gain':>10}{'ms/step':>9}{'overhead':>10}")
     for m, r in rows.items():
         print(f"{m:10}{r['final_loss']:11.3f}{r['max_forward_gain']:10.3f}{r['max_backward_gain']:10.3f}"
               f"{r['ms_per_step']:9.1f}{r['overhead']:+10.1%}")
     report("mhc", rows, {"steps": args.steps, "batch": args.batch, "seq": args.seq,
-                         "threads": torch.get_num_threads(), "hidden": base.hidden_size, "streams": base.hc_streams})
+                         "threads": torch.get_num_threads(), "hidden": base.hidden_size,
+                         "gemm": args.gemm, "streams": base.hc_streams})
 
 
 if __name__ == "__main__":
