@@ -11,18 +11,20 @@ import torch
 
 
 def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensors alive at once during fn, above what was alive before, from the torch
-    profiler's allocation events (a CPU build has no allocator statistics)."""
+    """Peak bytes of CPU tensors alive at once while fn runs, above what was alive before: a running sum of
+    the torch profiler's raw allocation (+) and free (-) records in time order (a CPU build has no allocator
+    statistics). Summing FunctionEvent.cpu_memory_usage instead counts an allocation once per enclosing op
+    (matmul -> mm -> empty: three times)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # walk the allocation events in order, keeping a running total. Self bytes only: an op's
-    # cpu_memory_usage includes its children's (matmul -> mm -> empty would count one buffer 2-3 times).
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
     cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
+    for _, nbytes in records:
+        cur += nbytes
         peak = max(peak, cur)
     return peak
 

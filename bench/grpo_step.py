@@ -48,8 +48,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import peak_bytes  # noqa: E402
 
 import rollouts  # noqa: E402
 from r1 import trainer  # noqa: E402
@@ -75,24 +77,6 @@ rollouts.ENGINES[ENGINE] = FixedLengthEngine
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def peak_tensor_bytes(fn: Any) -> int:
-    """Peak bytes of CPU tensors alive at once while fn runs, above what was alive before: a running sum of
-    the profiler's raw allocation (+) and free (-) records in time order. (Summing FunctionEvent
-    cpu_memory_usage instead counts an allocation once per enclosing op: linear -> addmm counts twice.)"""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
-    cur = peak = 0
-    for _, nbytes in records:
-        cur += nbytes
-        peak = max(peak, cur)
-    return peak
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -284,9 +268,9 @@ def main() -> None:
 
         mem: dict[str, int] = {}
         if not args.no_memory:
-            mem["r1"] = peak_tensor_bytes(lambda: run_ours(args, model_dir, tmp / "ours_mem", 2))
+            mem["r1"] = peak_bytes(lambda: run_ours(args, model_dir, tmp / "ours_mem", 2))
             for m in trl_modes:
-                mem[names[m]] = peak_tensor_bytes(lambda m=m: run_trl(args, model_dir, tmp / f"trl_mem{int(m)}", 2, m))
+                mem[names[m]] = peak_bytes(lambda m=m: run_trl(args, model_dir, tmp / f"trl_mem{int(m)}", 2, m))
 
     print()
     load, cores = os.getloadavg()[0], os.cpu_count() or 1

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from r1.cpu_gemm import mm_nt, wgrad
+from r1.model.gemm import mm_nt, wgrad
 
 
 def _compute_dtype(h: Tensor, w: Tensor) -> torch.dtype:

@@ -1,5 +1,6 @@
-"""The oneDNN GEMM path (r1/cpu_gemm.py): each of its three GEMMs against an fp64 reference, the grouped
-experts against a per-expert loop, the fallbacks, and a swapped V3 model against transformers' DeepseekV3."""
+"""The oneDNN GEMM path (r1/model/gemm.py, swapped in by r1/cpu_gemm.py): each of its three GEMMs against an
+fp64 reference, the grouped experts against a per-expert loop, the fallbacks, and a swapped V3 model against
+transformers' DeepseekV3."""
 
 import copy
 
@@ -8,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from _v3ref import hf_copy, randomize
 
-from r1 import cpu_gemm
-from r1.cpu_gemm import MIN_ROWS, OneDNNGroupedExperts, OneDNNLinear, use_onednn
+from r1.cpu_gemm import OneDNNGroupedExperts, OneDNNLinear, use_onednn
 from r1.logprobs import lm_loss
+from r1.model import gemm as cpu_gemm
 from r1.model.config import PRESETS
+from r1.model.gemm import MIN_ROWS
 from r1.model.model import V3ForCausalLM
 
-pytestmark = pytest.mark.skipif(cpu_gemm._LP is None, reason="this torch build has no oneDNN linear op")
+pytestmark = pytest.mark.skipif(cpu_gemm.LINEAR_OP is None, reason="this torch build has no oneDNN linear op")
 
 
 def _leaves64(*ts):
