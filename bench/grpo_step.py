@@ -48,7 +48,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # bench/common.py (appended: bench/rewards.py is no package)
 
 import torch  # noqa: E402
 from common import peak_bytes  # noqa: E402

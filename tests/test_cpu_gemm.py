@@ -24,11 +24,12 @@ def _leaves64(*ts):
     return [t.detach().double().requires_grad_() for t in ts]
 
 
-@pytest.mark.parametrize("out_features", [48, 200])  # wgrad's two forms: N <= K and N > K
+@pytest.mark.parametrize("out_features", [112, 200])  # wgrad's two forms: N <= K and N > K
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_fp64_forward_and_all_grads(out_features, bias):
     torch.manual_seed(0)
-    x = torch.randn(4, 100, 128, requires_grad=True)  # 400 rows: 6 buckets of 64 and an overlapping tail
+    x = torch.randn(6, 100, 128, requires_grad=True)  # 600 rows: 9 buckets of 64 and an overlapping tail
+    assert cpu_gemm._worth(600, 128, out_features)
     w = torch.randn(out_features, 128, requires_grad=True)
     b = torch.randn(out_features, requires_grad=True) if bias else None
     y = cpu_gemm.linear(x, w, b)
@@ -47,9 +48,9 @@ def test_linear_matches_fp64_forward_and_all_grads(out_features, bias):
 
 def test_linear_reads_strided_inputs_and_small_batches_fall_back():
     torch.manual_seed(1)
-    w = torch.randn(256, 32)
-    x = torch.randn(300, 80)[:, 10:42]  # a column slice: rows 80 apart
-    assert not x.is_contiguous() and cpu_gemm._worth(300, 32, 256)
+    w = torch.randn(512, 32)
+    x = torch.randn(600, 80)[:, 10:42]  # a column slice: rows 80 apart
+    assert not x.is_contiguous() and cpu_gemm._worth(600, 32, 512)
     assert torch.allclose(cpu_gemm.linear(x, w), x @ w.T, atol=1e-4)
     small = torch.randn(MIN_ROWS - 1, 32)
     assert torch.equal(cpu_gemm.linear(small, w), F.linear(small, w))  # torch's own kernel, bit for bit

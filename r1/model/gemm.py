@@ -35,7 +35,9 @@ from torch import Tensor
 LINEAR_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 BUCKET = 64  # GEMMs run with row counts in multiples of this (see _rows_into)
 MIN_ROWS = 16  # below this many rows MKL's GEMV-like path is faster (16 rows: equal; 1 row: 2x)
-MIN_MACS = 1 << 21  # measured crossover here: ~2M multiply-adds (64 x 128 x 256 equal, 64 x 128 x 128 MKL)
+# In a tight loop oneDNN already wins from ~2M multiply-adds (64 x 128 x 256), but inside a decode loop (other
+# ops between the calls) 128 x 128 x 192 GEMMs ran slower than MKL's (smoke rollouts: 137-206 vs 124-132 ms)
+MIN_MACS = 1 << 23
 EXPERT_MIN_ROWS = 4 * BUCKET  # per expert on average: the bucketed windows then waste <= 25%, calls amortise
 
 
