@@ -111,3 +111,19 @@ def test_use_onednn_reuses_parameters_and_keeps_ties():
     use_onednn(model)
     assert isinstance(model["lin"], OneDNNLinear) and model["lin"].weight is lin.weight
     assert model["head"].weight is model["emb"].weight
+
+
+def test_the_loaders_build_swapped_models(tmp_path):
+    """r1's own loading path (trainer, eval, SFT presets) runs the oneDNN kernels, for V3 and transformers models."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from r1.model.hf import save_hf
+    from r1.sft import build_model
+    from r1.trainer import load_policy
+
+    save_hf(V3ForCausalLM(PRESETS["tiny"]), tmp_path / "v3")
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    for model in (load_policy(str(tmp_path / "v3")), load_policy(str(tmp_path / "llama")), build_model("tiny")):
+        kinds = {type(m) for m in model.modules()}
+        assert OneDNNLinear in kinds and torch.nn.Linear not in kinds, type(model).__name__
