@@ -28,8 +28,8 @@ class OneDNNLinear(nn.Linear):
 
 
 class OneDNNGroupedExperts(GroupedExperts):
-    """GroupedExperts whose per-expert GEMMs run on oneDNN for training/prefill-sized batches (decoding keeps
-    the gathered and padded bmm paths, which do not go through grouped_mm)."""
+    """GroupedExperts whose per-expert GEMMs run on oneDNN for training/prefill-sized batches; below
+    EXPERT_MIN_ROWS rows per expert on average (decoding) the base class's paths run unchanged."""
 
     @classmethod
     def from_experts(cls, ex: GroupedExperts) -> OneDNNGroupedExperts:

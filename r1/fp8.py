@@ -352,9 +352,10 @@ def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None) -> nn.Modu
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) is nn.Linear and name in targets:
+            # any nn.Linear / GroupedExperts not yet in FP8 (also r1.cpu_gemm's oneDNN ones, as loaders build them)
+            if isinstance(child, nn.Linear) and not isinstance(child, Fp8Linear) and name in targets:
                 swaps.append((parent, name, Fp8Linear.from_linear(child, cfg)))
-            elif type(child) is GroupedExperts and cfg.experts:
+            elif isinstance(child, GroupedExperts) and not isinstance(child, Fp8GroupedExperts) and cfg.experts:
                 swaps.append((parent, name, Fp8GroupedExperts.from_experts(child, cfg)))
     for parent, name, new in swaps:
         setattr(parent, name, new)

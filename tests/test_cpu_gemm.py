@@ -127,3 +127,12 @@ def test_the_loaders_build_swapped_models(tmp_path):
     for model in (load_policy(str(tmp_path / "v3")), load_policy(str(tmp_path / "llama")), build_model("tiny")):
         kinds = {type(m) for m in model.modules()}
         assert OneDNNLinear in kinds and torch.nn.Linear not in kinds, type(model).__name__
+
+
+def test_fp8_conversion_takes_swapped_modules():
+    from r1.fp8 import Fp8GroupedExperts, Fp8Linear, convert_to_fp8
+
+    model = convert_to_fp8(use_onednn(V3ForCausalLM(PRESETS["tiny"])))
+    kinds = {type(m) for m in model.modules()}
+    assert Fp8Linear in kinds and Fp8GroupedExperts in kinds and OneDNNGroupedExperts not in kinds
+    assert isinstance(model.lm_head, OneDNNLinear)  # the head stays high precision (not an FP8 target)
