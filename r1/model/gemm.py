@@ -3,7 +3,7 @@
 Why: torch sends an fp32 CPU matmul to MKL's sgemm, and MKL on a non-Intel x86 processor runs its AVX2
 kernels even where the CPU has AVX-512 (MKL_VERBOSE=1 shows the path). The oneDNN library in the same torch
 build (torch uses it for bf16) runs AVX-512 kernels. On this 2-core AMD EPYC (AVX-512), fp32 forward and dgrad
-GEMMs of the model's shapes measured 90-190 GFLOP/s with MKL and 200-430 with oneDNN (`bench/gemm.py`).
+GEMMs of the model's shapes measured 110-200 GFLOP/s with MKL and 210-450 with oneDNN (`bench/gemm.py`).
 Results are fp32 with fp32 accumulation either way (not bf16/tf32). They are not bitwise equal to MKL's,
 but they are deterministic across runs and thread counts.
 
