@@ -54,7 +54,7 @@ def _worth(M: int, K: int, N: int) -> bool:
 def mm_nt(a_MK: Tensor, b_NK: Tensor) -> Tensor:
     """a @ b^T -> [M, N] (fp32 CPU: oneDNN; otherwise torch)."""
     if usable(a_MK, b_NK) and _worth(a_MK.shape[0], a_MK.shape[-1], b_NK.shape[0]):
-        return LINEAR_OP(a_MK, b_NK, None, "none", [], "")
+        return _mm_bucketed(a_MK, b_NK)
     return a_MK @ b_NK.transpose(-2, -1)
 
 
