@@ -136,3 +136,21 @@ def test_fp8_conversion_takes_swapped_modules():
     kinds = {type(m) for m in model.modules()}
     assert Fp8Linear in kinds and Fp8GroupedExperts in kinds and OneDNNGroupedExperts not in kinds
     assert isinstance(model.lm_head, OneDNNLinear)  # the head stays high precision (not an FP8 target)
+
+
+def test_bucketing_keeps_rows_and_skips_huge_gemms(monkeypatch):
+    """Row counts off the 64-grid run as a bucketed part plus an overlapping tail window (each row computed
+    from its own input row); above BIG_MACS one call, so a big output is never held twice."""
+    torch.manual_seed(4)
+    a, b = torch.randn(200, 96), torch.randn(120, 96)
+    ref = a.double() @ b.double().T
+    calls = []
+    op = cpu_gemm.LINEAR_OP
+    monkeypatch.setattr(cpu_gemm, "LINEAR_OP", lambda x, *rest: calls.append(x.shape[0]) or op(x, *rest))
+    split = cpu_gemm._mm_bucketed(a, b)
+    assert calls == [192, 64]  # 3 buckets, then the window of rows 136-199
+    monkeypatch.setattr(cpu_gemm, "BIG_MACS", 1)
+    whole = cpu_gemm._mm_bucketed(a, b)
+    assert calls == [192, 64, 200]
+    for y in (split, whole):
+        assert y.shape == (200, 120) and (y.double() - ref).abs().max() < 1e-4

@@ -38,6 +38,7 @@ MIN_ROWS = 16  # below this many rows MKL's GEMV-like path is faster (16 rows: e
 # In a tight loop oneDNN already wins from ~2M multiply-adds (64 x 128 x 256), but inside a decode loop (other
 # ops between the calls) 128 x 128 x 192 GEMMs ran slower than MKL's (smoke rollouts: 137-206 vs 124-132 ms)
 MIN_MACS = 1 << 23
+BIG_MACS = 1 << 30  # ~5 ms of GEMM here: a new primitive's ~0.5 ms no longer matters
 EXPERT_MIN_ROWS = 4 * BUCKET  # per expert on average: the bucketed windows then waste <= 25%, calls amortise
 
 
@@ -72,7 +73,9 @@ def _mm_bucketed(a_MK: Tensor, b_NK: Tensor, bias_N: Tensor | None = None) -> Te
     """a b^T (+ bias) as GEMMs whose row counts are multiples of BUCKET: the rows up to the last multiple, then
     a window of BUCKET rows ending at M (overlapping rows computed twice). See _rows_into for why."""
     M = a_MK.shape[0]
-    if M % BUCKET == 0 or M < BUCKET:
+    # one call where the GEMM dwarfs a primitive's set-up: the split would hold a second copy of the output
+    # (an output head's [4096, 129k] logits chunk is 2 GiB)
+    if M % BUCKET == 0 or M < BUCKET or M * a_MK.shape[1] * b_NK.shape[0] >= BIG_MACS:
         return LINEAR_OP(a_MK, b_NK, bias_N, "none", [], "")
     mf = M - M % BUCKET
     y = a_MK.new_empty(M, b_NK.shape[0])
