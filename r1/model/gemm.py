@@ -79,8 +79,8 @@ def _mm_bucketed(a_MK: Tensor, b_NK: Tensor, bias_N: Tensor | None = None) -> Te
         return LINEAR_OP(a_MK, b_NK, bias_N, "none", [], "")
     mf = M - M % BUCKET
     y = a_MK.new_empty(M, b_NK.shape[0])
-    y[:mf] = LINEAR_OP(a_MK[:mf], b_NK, bias_N, "none", [], "")
-    y[mf:] = LINEAR_OP(a_MK[M - BUCKET:], b_NK, bias_N, "none", [], "")[BUCKET - (M - mf):]
+    _rows_into(y, a_MK, b_NK, 0, mf, bias_N)
+    _rows_into(y, a_MK, b_NK, mf, M - mf, bias_N)  # its window: the last BUCKET rows
     return y
 
 
@@ -116,15 +116,15 @@ def linear(x: Tensor, w_NK: Tensor, b_N: Tensor | None = None) -> Tensor:
     return y.view(*x.shape[:-1], w_NK.shape[0])
 
 
-def _rows_into(out_MN: Tensor, a_MK: Tensor, b_NK: Tensor, s: int, n: int) -> None:
-    """out[s:s+n] = a[s:s+n] b^T, as one GEMM over a window of rows rounded up to a multiple of BUCKET (the
+def _rows_into(out_MN: Tensor, a_MK: Tensor, b_NK: Tensor, s: int, n: int, bias_N: Tensor | None = None) -> None:
+    """out[s:s+n] = a[s:s+n] b^T (+ bias), as one GEMM over a window of rows rounded up to a multiple of BUCKET (the
     window reaches into the neighbouring experts' rows, which are computed and dropped). Why: oneDNN
     creates a primitive per distinct shape (~0.5 ms on this CPU, more than the GEMM itself for a few
     hundred rows) and the experts' row counts change every call; bucketed, a handful of shapes recur."""
     M = a_MK.shape[0]
     nb = min(-(-n // BUCKET) * BUCKET, M)
     start = min(s, M - nb)
-    out_MN[s:s + n] = LINEAR_OP(a_MK[start:start + nb], b_NK, None, "none", [], "")[s - start:s - start + n]
+    out_MN[s:s + n] = LINEAR_OP(a_MK[start:start + nb], b_NK, bias_N, "none", [], "")[s - start:s - start + n]
 
 
 class _GroupedMM(torch.autograd.Function):
