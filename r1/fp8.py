@@ -271,6 +271,8 @@ class Fp8Linear(nn.Linear):
     master nn.Parameter (same name, same object as the converted layer's: optimizers and checkpoints see no
     difference)."""
 
+    full_precision = False  # r1/model/model.py: decoding never folds or densifies these weights
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, cfg: Fp8Config | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -307,6 +309,8 @@ class Fp8GroupedExperts(GroupedExperts):
     """Routed experts in FP8: one blockwise GEMM per expert's contiguous token slice (never per token),
     same parameters (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as the GroupedExperts it replaces."""
 
+    full_precision = False  # no full-precision decode shortcut: rollouts keep the numerics training uses
+
     def __init__(self, n_experts: int, dim: int, hidden: int, cfg: Fp8Config | None = None):
         super().__init__(n_experts, dim, hidden)
         self.cfg = cfg or Fp8Config()
@@ -324,10 +328,6 @@ class Fp8GroupedExperts(GroupedExperts):
         w_EYX = getattr(self, name)
         wq, sw = self._caches[name].get(w_EYX, self.cfg)
         return _Fp8GroupedMM.apply(x_NX, w_EYX, wq, sw, splits, self.cfg, _gemm_for(x_NX, self.cfg))
-
-    def gathered(self, x_ND: Tensor, idx_NK: Tensor, w_NK: Tensor) -> None:
-        """Never: the full-precision decode shortcut would sample from other numerics than FP8 training uses."""
-        return None
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         splits = counts_E.tolist()  # one host sync per layer, as the non-grouped fallback

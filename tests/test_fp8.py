@@ -279,6 +279,8 @@ def test_convert_recipe_and_decode_path():
     K = c.num_experts_per_tok
     one = torch.zeros(1, c.hidden_size), torch.zeros(1, K, dtype=torch.long), torch.ones(1, K)
     assert m.layers[1].mlp.experts.gathered(*one) is None and ref.layers[1].mlp.experts.gathered(*one) is not None
+    assert m.layers[1].mlp._dense() is None and ref.layers[1].mlp._dense() is not None
+    assert m.layers[1].self_attn._fold() is None and ref.layers[1].self_attn._fold() is not None
 
 
 def test_weight_cache_follows_the_master():

@@ -12,7 +12,7 @@ from _v3ref import hf_copy, randomize
 
 from r1.logprobs import full_logprobs, lm_loss, token_logprobs
 from r1.model.config import PRESETS, count_params, load_config
-from r1.model.model import LatentCache, MoE, Router, V3ForCausalLM, expert_load_metrics, update_router_biases
+from r1.model.model import MLA, LatentCache, MoE, Router, V3ForCausalLM, expert_load_metrics, update_router_biases
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -124,9 +124,16 @@ def test_fixed_router_counts_tokens_and_uses_chosen_experts():
         assert torch.allclose(y[0, t], ref, atol=1e-6)
 
 
-def test_latent_cache_decode_matches_full_forward():
+@pytest.mark.parametrize("fold,dense", [(True, True), (False, False)])
+def test_latent_cache_decode_matches_full_forward(fold, dense, monkeypatch):
+    """Decoding with the folded MLA weights and the dense tiny-MoE path (the defaults for this size), and
+    with neither (the absorbed bmm path and the gathered experts, as for a large model)."""
     torch.manual_seed(3)
     m = randomize(V3ForCausalLM(tiny(rope_scaling=YARN))).eval()
+    if not fold:
+        monkeypatch.setattr(MLA, "_fold", lambda self: None)
+    if not dense:
+        monkeypatch.setattr(MoE, "DENSE_MAX_MACS", 0)
     ids = torch.randint(0, 256, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :4] = 0
@@ -138,8 +145,26 @@ def test_latent_cache_decode_matches_full_forward():
         full = m.logits(ids, attention_mask=mask)
     for i, t in enumerate(range(7, 12)):
         assert (steps[i] - full[:, t]).abs().max() < 1e-4
+    attn, moe = m.layers[-1].self_attn, m.layers[-1].mlp
+    assert (cache.derived(attn, attn._fold) is not None) == fold and isinstance(moe, MoE) and id(moe) in cache._derived
     c = m.config
     assert cache.nbytes() == 12 * (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * 4
+
+
+def test_decode_folds_only_where_they_are_cheaper():
+    """The folded query / output weights hold H (L + R) Q + D H L multiply-adds per token: refused where that
+    is over twice the factors' (a wide latent, as in the full V3), as is the dense MoE above its budget."""
+    small, wide = MLA(tiny(), 0), MLA(tiny(kv_lora_rank=512), 0)
+    assert small._fold() is not None and wide._fold() is None
+    c = PRESETS["deepseek-v3"]
+    H, C, R, L, V, Q, D = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank,
+                           c.v_head_dim, c.q_lora_rank, c.hidden_size)
+    assert H * (L + R) * Q + D * H * L > 2 * (H * (C + R) * Q + H * C * L + H * V * L + D * H * V)
+    moe = MoE(tiny()).eval()
+    gu, down, base = moe._dense()
+    E, n_s = moe.c.n_routed_experts, moe.c.n_shared_experts
+    assert gu.shape == ((E + n_s) * 2 * moe.c.moe_intermediate_size, moe.c.hidden_size)
+    assert base.tolist() == [0.0] * E + [1.0] * n_s
 
 
 def test_chunked_logprobs_equal_full_and_grads():

@@ -28,6 +28,7 @@ V v dim, L kv_lora_rank, N tokens (B*T), E routed experts, K experts per token, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,8 @@ class LatentCache:
     """MLA's decoding cache: per layer only c_kv [B, S, L] and k_pe [B, S, R], side by side in one buffer
     [B, S, L + R] (the keys of the absorbed attention, read in place; the values are its first L columns),
     preallocated and grown by doubling. All rows share one length (prompts are left-padded; pads are
-    masked by the caller)."""
+    masked by the caller). It also keeps weights derived from the model's for decoding (`derived`), built
+    on first use: a cache lives for one generation, during which the weights do not change."""
 
     def __init__(self, c: V3Config, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str):
         self.kv = [torch.zeros(batch, capacity, c.kv_lora_rank + c.qk_rope_head_dim, dtype=dtype, device=device)
@@ -142,6 +144,14 @@ class LatentCache:
         self.rank = c.kv_lora_rank
         self.length = 0  # tokens written, shared by all layers once a forward pass ends
         self._pending = 0
+        self._derived: dict[int, object] = {}
+
+    def derived(self, owner: nn.Module, build: Callable[[], object]) -> object:
+        """build() once per owning module for this cache's lifetime (folded decode weights, or None)."""
+        if id(owner) not in self._derived:
+            with torch.no_grad():
+                self._derived[id(owner)] = build()
+        return self._derived[id(owner)]
 
     @property
     def ckv(self) -> list[Tensor]:
@@ -199,9 +209,13 @@ class MLA(nn.Module):
         cache, an additive float [B, 1, T, S] (0 or -inf), S = cached + T."""
         c = self.c
         B, T, _ = x_BTD.shape
-        H, C, R, L = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
-        q = self.q_proj(x_BTD) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_nope_BTHC, q_pe_BTHR = q.view(B, T, H, C + R).split([C, R], dim=-1)
+        H, R, L = c.num_attention_heads, c.qk_rope_head_dim, c.kv_lora_rank
+        # decoding after a prefill: W_kvb may be folded into the query and output projections (`_fold`)
+        fold = cache.derived(self, self._fold) if cache is not None and cache.length else None
+        q_in = x_BTD if c.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BTD))
+        q = (self.q_proj if c.q_lora_rank is None else self.q_b_proj)(q_in) if fold is None else F.linear(q_in, fold[0])
+        # per head: [q_nope (C), q_pe (R)], or with the fold [q_lat (L), q_pe (R)], both already scaled
+        q_first_BTHY, q_pe_BTHR = q.view(B, T, H, -1).split([q.shape[-1] // H - R, R], dim=-1)
         ckv_BTL, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([L, R], dim=-1)
         ckv_BTL = self.kv_a_layernorm(ckv_BTL)
         # the shared rope key rides along as head H: one rotation call for q and k (decoding counts ops)
@@ -211,9 +225,33 @@ class MLA(nn.Module):
         if cache is not None:
             kv_BSX = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
             if kv_BSX.shape[1] > T:  # tokens cached by earlier calls: decode in latent space
-                return self.o_proj(self._absorbed(q_nope_BTHC, q_pe_BTHR, kv_BSX, mask))
+                return self._absorbed(q_first_BTHY, q_pe_BTHR, kv_BSX, mask, fold)
         # training, or a prefill into an empty cache (T queries x T keys: expanding is cheaper there)
-        return self.o_proj(self._expanded(q_nope_BTHC, q_pe_BTHR, ckv_BTL, k_pe_BTR, mask))
+        return self.o_proj(self._expanded(q_first_BTHY, q_pe_BTHR, ckv_BTL, k_pe_BTR, mask))
+
+    def _fold(self) -> tuple[Tensor, Tensor] | None:
+        """W_kvb folded into the last query projection and o_proj, for decoding (one GEMM each instead of a
+        GEMM plus a per-head bmm and its reshapes: small models are bound by the number of ops):
+            W_q' = per head [scale W_uk^T W_q_nope ; scale W_q_pe]  [H (L + R), q_in],
+            W_o' = [W_o,h W_uv,h for each head h]                   [D, H L].
+        None where the products hold over twice the multiply-adds of the factors (the full V3: 3.4x), or a
+        module is not an exact full-precision linear (FP8 rollouts keep training's numerics)."""
+        c = self.c
+        H, C, R, L, V = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
+        q_last = self.q_proj if c.q_lora_rank is None else self.q_b_proj
+        if not all(isinstance(m, nn.Linear) and getattr(m, "full_precision", True) and m.bias is None
+                   for m in (q_last, self.kv_b_proj)) or not isinstance(self.o_proj, nn.Linear) \
+                or not getattr(self.o_proj, "full_precision", True):
+            return None
+        Q, D = q_last.in_features, c.hidden_size
+        if H * (L + R) * Q + D * H * L > 2 * (H * (C + R) * Q + H * C * L + H * V * L + D * H * V):
+            return None
+        w_HXL = self.kv_b_proj.weight.view(H, C + V, L).float()
+        wq_HYQ = q_last.weight.view(H, C + R, Q).float()
+        wq = torch.cat([w_HXL[:, :C].transpose(1, 2) @ wq_HYQ[:, :C], wq_HYQ[:, C:]], dim=1) * self.scale
+        wo_HDL = self.o_proj.weight.view(D, H, V).float().transpose(0, 1) @ w_HXL[:, C:]
+        dt = q_last.weight.dtype
+        return wq.reshape(H * (L + R), Q).to(dt), wo_HDL.transpose(0, 1).reshape(D, H * L).to(dt)
 
     def _expanded(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, ckv_BTL: Tensor, k_pe_BTR: Tensor,
                   mask: Tensor | None) -> Tensor:
@@ -231,23 +269,30 @@ class MLA(nn.Module):
                                                 is_causal=mask is None, scale=self.scale)[..., :V]
         return o_BHTV.transpose(1, 2).reshape(B, T, H * V)
 
-    def _absorbed(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, kv_BSX: Tensor, mask: Tensor) -> Tensor:
-        """Attention in latent space over the cached [c_kv, k_pe] rows -> [B, T, H*V]: W_kvb is absorbed
-        into the query (W_uk) and the output (W_uv). Every head reads the same cached rows, so the H heads
-        (times T queries) are rows of one [B, T*H, L+R] x [B, L+R, S] product: plain batched matmuls, no
-        per-head copy of the cache."""
-        B, T, H, C = q_nope_BTHC.shape
-        R, V, L, S, N = q_pe_BTHR.shape[-1], self.c.v_head_dim, self.c.kv_lora_rank, kv_BSX.shape[1], B * T
+    def _absorbed(self, q_first_BTHY: Tensor, q_pe_BTHR: Tensor, kv_BSX: Tensor, mask: Tensor,
+                  fold: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Attention in latent space over the cached [c_kv, k_pe] rows -> [B, T, D]: W_kvb is absorbed
+        into the query (W_uk) and the output (W_uv), here or already in the folded weights. Every head reads
+        the same cached rows, so the H heads (times T queries) are rows of one [B, T*H, L+R] x [B, L+R, S]
+        product: plain batched matmuls, no per-head copy of the cache."""
+        B, T, H, _ = q_first_BTHY.shape
+        C, R, V, L, S, N = self.c.qk_nope_head_dim, q_pe_BTHR.shape[-1], self.c.v_head_dim, self.c.kv_lora_rank, \
+            kv_BSX.shape[1], B * T
         w_HXL = self.kv_b_proj.weight.view(H, C + V, L)
-        q_lat_HNL = torch.bmm(q_nope_BTHC.reshape(N, H, C).transpose(0, 1), w_HXL[:, :C])
-        q_BMX = torch.cat([q_lat_HNL.transpose(0, 1), q_pe_BTHR.reshape(N, H, R)], dim=-1).view(B, T * H, L + R)
+        if fold is None:
+            q_lat_NHL = torch.bmm(q_first_BTHY.reshape(N, H, C).transpose(0, 1), w_HXL[:, :C]).transpose(0, 1)
+        else:
+            q_lat_NHL = q_first_BTHY.reshape(N, H, L)
+        q_BMX = torch.cat([q_lat_NHL, q_pe_BTHR.reshape(N, H, R)], dim=-1).view(B, T * H, L + R)
         # the additive mask [B, 1, T, S] -> [B, T*H, S] (a broadcast view when T == 1)
         bias_BMS = mask.transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
-        p_BMS = torch.baddbmm(bias_BMS, q_BMX, kv_BSX.transpose(1, 2), alpha=self.scale)
+        p_BMS = torch.baddbmm(bias_BMS, q_BMX, kv_BSX.transpose(1, 2), alpha=1.0 if fold else self.scale)
         p_BMS = p_BMS.softmax(-1, dtype=torch.float32).to(q_BMX.dtype)
-        o_lat_NHL = torch.bmm(p_BMS, kv_BSX[..., :L]).view(N, H, L)
-        o_HNV = torch.bmm(o_lat_NHL.transpose(0, 1), w_HXL[:, C:].transpose(1, 2))
-        return o_HNV.transpose(0, 1).reshape(B, T, H * V)
+        o_lat_BTHL = torch.bmm(p_BMS, kv_BSX[..., :L]).view(B, T, H * L)
+        if fold is not None:
+            return F.linear(o_lat_BTHL, fold[1], self.o_proj.bias)
+        o_HNV = torch.bmm(o_lat_BTHL.view(N, H, L).transpose(0, 1), w_HXL[:, C:].transpose(1, 2))
+        return self.o_proj(o_HNV.transpose(0, 1).reshape(B, T, H * V))
 
 
 # ---------------------------------------------------------------------------------------------- MLP / MoE
@@ -361,6 +406,8 @@ class GroupedExperts(nn.Module):
 
     # gathering each (token, expert) pair's weights pays off only while they stay cache-sized
     GATHER_MAX_BYTES = 1 << 20
+    # False where the forward quantises (r1/fp8.py): decode shortcuts would sample from other numerics
+    full_precision = True
 
     def gathered(self, x_ND: Tensor, idx_NK: Tensor, w_NK: Tensor) -> Tensor | None:
         """sum_k w_nk SwiGLU_{idx_nk}(x_n) for a handful of tokens (decoding a small batch on CPU): each pair's
@@ -369,7 +416,8 @@ class GroupedExperts(nn.Module):
         GATHER_MAX_BYTES: then the sorted path is cheaper."""
         N, K = idx_NK.shape
         E, Y, D = self.gate_up_proj.shape
-        if x_ND.device.type != "cpu" or N * K * 3 * (Y // 2) * D * x_ND.element_size() > self.GATHER_MAX_BYTES:
+        if x_ND.device.type != "cpu" or not self.full_precision or \
+                N * K * 3 * (Y // 2) * D * x_ND.element_size() > self.GATHER_MAX_BYTES:
             return None
         flat = idx_NK.flatten()
         # row vectors times transposed weights: bmm's fast path (a [., D, 1] column form runs ~6x slower)
@@ -404,12 +452,19 @@ class MoE(nn.Module):
         # tokens routed to each expert since the last bias update (auxiliary-loss-free balancing)
         self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts), persistent=False)
 
-    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    # decoding runs every expert on every token while that costs at most this many multiply-adds
+    DENSE_MAX_MACS = 1 << 23
+
+    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None,
+                cache: LatentCache | None = None) -> tuple[Tensor, Tensor | None]:
         """-> (y, sequence-wise balance loss; None when it is off or in eval)."""
         B, T, D = x_BTD.shape
         K, E = self.c.num_experts_per_tok, self.c.n_routed_experts
         x_ND = x_BTD.reshape(-1, D)
         w_NK, idx_NK, scores_NE = self.gate(x_ND)
+        if not self.training and cache is not None and (dense := cache.derived(self, self._dense)) is not None \
+                and x_ND.shape[0] * dense[0].numel() * 3 // 2 <= self.DENSE_MAX_MACS:
+            return self._decode_dense(x_ND, w_NK, idx_NK, *dense).view(B, T, D), None
         if not self.training and (y_ND := self.experts.gathered(x_ND, idx_NK, w_NK)) is not None:
             if self.shared_experts is not None:
                 y_ND = y_ND + self.shared_experts(x_ND)
@@ -433,6 +488,42 @@ class MoE(nn.Module):
             if self.c.seq_aux_loss_alpha > 0:
                 aux = self.seq_aux_loss(scores_NE.view(B, T, E), idx_NK.view(B, T, K), valid_BT)
         return y_ND.view(B, T, D), aux
+
+    def _dense(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Every expert as one pair of matrices, for decoding a tiny model: gate|up of all E routed experts
+        then of the shared ones (cut into expert-sized pieces: SwiGLU is a sum over its hidden units)
+        [(E + n_s) 2I, D], the down projections side by side [D, (E + n_s) I], and the gate weights the
+        shared pieces always get (1) [E + n_s]. Then a decode step is 2 GEMMs, a SwiGLU and a scatter of
+        the router's weights: 6 ops for what the routed paths do in ~20. None for FP8 experts."""
+        ex, sh = self.experts, self.shared_experts
+        E, Y, D = ex.gate_up_proj.shape
+        I = Y // 2
+        mods = [ex] + ([] if sh is None else [sh.gate_proj, sh.up_proj, sh.down_proj])
+        if not all(getattr(m, "full_precision", True) for m in mods):
+            return None
+        if sh is not None and sh.gate_proj.out_features % I:  # shared width not a whole number of experts
+            return None
+        gu, down = [ex.gate_up_proj.reshape(E * Y, D)], [ex.down_proj.transpose(0, 1).reshape(D, E * I)]
+        n_s = 0
+        if sh is not None:
+            n_s = sh.gate_proj.out_features // I
+            gate_up = torch.cat([sh.gate_proj.weight.view(n_s, I, D), sh.up_proj.weight.view(n_s, I, D)], dim=1)
+            gu.append(gate_up.view(-1, D))
+            down.append(sh.down_proj.weight)
+        base = torch.cat([torch.zeros(E), torch.ones(n_s)]).to(device=gu[0].device, dtype=torch.float32)
+        return torch.cat(gu), torch.cat(down, dim=1), base
+
+    @staticmethod
+    def _decode_dense(x_ND: Tensor, w_NK: Tensor, idx_NK: Tensor, gu_YD: Tensor, down_DZ: Tensor,
+                      base_X: Tensor) -> Tensor:
+        """sum_k w_nk SwiGLU_{idx_nk}(x_n) + shared(x_n) with the weights of `_dense` (X = E + n_s experts):
+        the experts a token did not choose get gate weight 0."""
+        N, X = x_ND.shape[0], base_X.shape[0]
+        gu_NXY = F.linear(x_ND, gu_YD).view(N, X, -1)
+        gate_NXI, up_NXI = gu_NXY.chunk(2, dim=-1)
+        g_NX = base_X.expand(N, X).scatter(1, idx_NK, w_NK).to(x_ND.dtype)
+        h_NXI = F.silu(gate_NXI).mul_(up_NXI).mul_(g_NX.unsqueeze(-1))
+        return F.linear(h_NXI.view(N, -1), down_DZ)
 
     def seq_aux_loss(self, scores_BTE: Tensor, idx_BTK: Tensor, valid_BT: Tensor | None) -> Tensor:
         """V3's sequence-wise balance loss: alpha * sum_i f_i P_i per sequence, averaged over sequences,
@@ -463,9 +554,9 @@ class Block(nn.Module):
               cache: LatentCache | None) -> tuple[Tensor, None]:
         return self.self_attn(self.input_layernorm(x), rope, mask, cache), None
 
-    def _mlp(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mlp(self, x: Tensor, valid: Tensor | None, cache: LatentCache | None) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.mlp, MoE):
-            return self.mlp(self.post_attention_layernorm(x), valid)
+            return self.mlp(self.post_attention_layernorm(x), valid, cache)
         return self.mlp(self.post_attention_layernorm(x)), None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None,
@@ -473,10 +564,10 @@ class Block(nn.Module):
         """x is x_BTD, or x_BTnD (n residual streams) with hyper-connections. Returns (x, aux loss or None)."""
         if not hasattr(self, "attn_hc"):
             x = x + self._attn(x, rope, mask, cache)[0]
-            y, aux = self._mlp(x, valid)
+            y, aux = self._mlp(x, valid, cache)
             return x + y, aux
         x, _ = self.attn_hc(x, lambda h: self._attn(h, rope, mask, cache))
-        return self.mlp_hc(x, lambda h: self._mlp(h, valid))
+        return self.mlp_hc(x, lambda h: self._mlp(h, valid, cache))
 
 
 class MTPModule(nn.Module):
