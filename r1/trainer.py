@@ -28,7 +28,7 @@ from r1.cpu_gemm import use_onednn
 from r1.data import load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
-from r1.model.model import V3ForCausalLM, expert_load_metrics, update_router_biases
+from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, update_router_biases
 from r1.parallel import Dist
 
 
@@ -64,6 +64,7 @@ class TrainConfig:
     advantage_scale: str = "group"  # group | none (Dr. GRPO) | batch
     mu: int = 1  # inner updates per rollout batch
     micro_batch: int = 32
+    shared_prefix: bool = True  # native model: a micro-batch's distinct prompts run once each (not under FSDP)
     dynamic_sampling: bool = True
     max_refills: int = 2
     ref_reset_every: int = 0  # 0 = never
@@ -117,11 +118,23 @@ def hidden_and_head(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor
 
 
 def sequence_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, prompt_len: int, temperature: float,
-                      with_entropy: bool = False) -> tuple[Tensor, Tensor]:
-    """log pi(completion token t) for the completion part of right-padded `ids` [B, P + C]."""
+                      with_entropy: bool = False, share_prompts: bool = False) -> tuple[Tensor, Tensor]:
+    """log pi(completion token t) for the completion part of right-padded `ids` [B, P + C]. share_prompts (native
+    model): rows with the same prompt (a GRPO group) run it once (SharedPrefix), then their completions attend
+    to it: the same log-probs and gradients, for (G - 1) / G fewer prompt-token FLOPs."""
+    P = prompt_len
+    if share_prompts and isinstance(model, V3ForCausalLM):
+        uniq, rows = torch.unique(torch.cat([ids[:, :P], mask[:, :P]], dim=1), dim=0, return_inverse=True)
+        if uniq.shape[0] < ids.shape[0]:
+            prefix = SharedPrefix(rows)
+            h_prompt = model(uniq[:, :P], attention_mask=uniq[:, P:], cache=prefix, mtp=False).hidden
+            h_completion = model(ids[:, P:], attention_mask=mask, cache=prefix, mtp=False).hidden
+            # the first completion token is predicted from its prompt's last position
+            h = torch.cat([h_prompt[rows, -1:], h_completion[:, :-1]], dim=1)
+            return token_logprobs(h, model.lm_head.weight, ids[:, P:], temperature=temperature,
+                                  with_entropy=with_entropy)
     h, w = hidden_and_head(model, ids, mask)
-    return token_logprobs(h[:, prompt_len - 1:-1], w, ids[:, prompt_len:], temperature=temperature,
-                          with_entropy=with_entropy)
+    return token_logprobs(h[:, P - 1:-1], w, ids[:, P:], temperature=temperature, with_entropy=with_entropy)
 
 
 def encode_prompts(tok: Any, texts: list[str]) -> list[list[int]]:
@@ -310,10 +323,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             # global normalisers divided by world: the averaged gradient is the exact global-batch loss's gradient
             num_seq, num_tok = totals[0].item() / dist.world, totals[1].item() / dist.world
             B, mb = ids.shape[0], cfg.micro_batch
+            share = cfg.shared_prefix and not dist.fsdp  # two forwards per backward: not tried under FSDP2
             with torch.no_grad(), dist.autocast():
-                old = torch.cat([sequence_logprobs(policy, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature)[0]
+                old = torch.cat([sequence_logprobs(policy, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature,
+                                                   share_prompts=share)[0]
                                  for s in range(0, B, mb)]) if cfg.mu > 1 else None
-                ref_lp = torch.cat([sequence_logprobs(ref, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature)[0]
+                ref_lp = torch.cat([sequence_logprobs(ref, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature,
+                                                      share_prompts=share)[0]
                                     for s in range(0, B, mb)]) if ref is not None else None
             sums: dict[str, float] = {}
             for _ in range(cfg.mu):
@@ -322,7 +338,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     sl = slice(s, s + mb)
                     with dist.autocast():
                         lp, ent = sequence_logprobs(policy, ids[sl], attn[sl], P, cfg.temperature,
-                                                    with_entropy=True)
+                                                    with_entropy=True, share_prompts=share)
                     loss, m = grpo.policy_loss(
                         lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
                         ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=cfg.beta, eps_low=cfg.eps_low,

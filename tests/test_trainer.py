@@ -246,3 +246,53 @@ def test_smoke_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     rl = smoke_rl_rows(seed=0)
     assert not set(heldout) & {r["prompt"] for r in rl}  # and by GRPO
     assert len({r["prompt"] for r in rl}) > 5000 and all(str(eval(r["prompt"])) == r["answer"] for r in rl[:500])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kv_lora_rank=8, residual="mhc"), dict(checkpointing=True)],
+                         ids=["expanded-keys", "latent-keys-mhc", "checkpointed"])
+def test_shared_prompts_give_the_same_logprobs_and_gradients(kw: dict) -> None:
+    """A micro-batch of GRPO groups (left-padded prompts of different lengths, G rows each, a ragged completion):
+    running each prompt once (SharedPrefix) gives the log-probs, entropies and parameter gradients of running
+    every row whole, and the same MoE load counts (a shared prompt token weighs the G rows that share it).
+    Covers both attention forms of the completion pass (keys expanded per head; latent, where a latent row is
+    narrower) and checkpointed layers."""
+    from _v3ref import randomize
+
+    from r1.model.config import PRESETS
+    from r1.trainer import sequence_logprobs
+
+    checkpointing = kw.pop("checkpointing", False)
+    torch.manual_seed(1)
+    m = randomize(V3ForCausalLM(PRESETS["tiny"].replace(**kw))).train()
+    m.gradient_checkpointing = checkpointing
+    U, G, P, C = 3, 4, 9, 6
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (9, 6, 3)]
+    rows = torch.arange(U).repeat_interleave(G)
+    ids = torch.zeros(U * G, P + C, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows.tolist()):
+        ids[i, P - len(prompts[r]):P], mask[i, P - len(prompts[r]):] = torch.tensor(prompts[r]), 1
+    ids[:, P:] = torch.randint(3, 256, (U * G, C))
+    mask[5, P + 2:] = 0  # a completion that stopped early (right padding)
+    out = {}
+    for share in (False, True):
+        m.zero_grad()
+        for moe in m.moe_layers:
+            moe.tokens_per_expert.zero_()
+        lp, ent = sequence_logprobs(m, ids, mask, P, 0.7, with_entropy=True, share_prompts=share)
+        (lp * mask[:, P:]).sum().backward()
+        out[share] = (lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                                  if p.grad is not None},
+                      torch.stack([moe.tokens_per_expert.clone() for moe in m.moe_layers]))
+    (lp0, ent0, g0, loads0), (lp1, ent1, g1, loads1) = out[False], out[True]
+    loads = {False: loads0, True: loads1}
+    valid = mask[:, P:].bool()
+    assert (lp0 - lp1)[valid].abs().max() < 1e-5 and (ent0 - ent1)[valid].abs().max() < 1e-5
+    assert g0.keys() == g1.keys()
+    floor = 1e-7 * max(g.abs().max() for g in g0.values())  # sums that nearly cancel (HC biases) differ by rounding
+    for n in g0:
+        assert (g0[n] - g1[n]).abs().max() <= 1e-5 * g0[n].abs().max() + floor, n
+    K, layers = m.config.num_experts_per_tok, m.config.num_hidden_layers - m.config.first_k_dense_replace  # MTP off
+    passes = 2 if checkpointing else 1  # a recompute counts again (uniformly: balancing reads sign(mean - load))
+    assert torch.equal(loads[False], loads[True])  # shared prompt tokens weigh G rows each: the same balancing
+    assert loads[True].sum() == passes * K * layers * mask.sum().item()

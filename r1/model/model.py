@@ -142,6 +142,7 @@ class LatentCache:
         self.kv = [torch.zeros(batch, capacity, c.kv_lora_rank + c.qk_rope_head_dim, dtype=dtype, device=device)
                    for _ in range(c.num_hidden_layers)]
         self.rank = c.kv_lora_rank
+        self.decoding = True
         self.length = 0  # tokens written, shared by all layers once a forward pass ends
         self._pending = 0
         self._derived: dict[int, object] = {}
@@ -177,6 +178,9 @@ class LatentCache:
         self.length += self._pending
         self._pending = 0
 
+    def token_weights(self, valid_BT: Tensor) -> Tensor:
+        return valid_BT
+
     def select(self, rows: Tensor) -> None:
         """Keep only `rows` (finished sequences leave the batch)."""
         self.kv = [t.index_select(0, rows) for t in self.kv]
@@ -185,6 +189,45 @@ class LatentCache:
         """Bytes per row held for `tokens` positions (default: the written length)."""
         t = self.length if tokens is None else tokens
         return sum(b[0, :t].numel() * b.element_size() for b in self.kv)
+
+
+class SharedPrefix:
+    """Prompts shared by several sequences, for training (GRPO: G completions per prompt). A first forward over
+    the U distinct prompts keeps each layer's latent rows [c_kv, k_pe]; a second over the B completions (the
+    attention mask covering prompt + completion) attends to its prompt's rows, `rows` [B] -> prompt index,
+    and to its own. The same function as B whole sequences, with each prompt's tokens computed and
+    back-propagated once instead of G times (index_select's backward sums the G rows' gradients).
+    Differentiable: no in-place writes; recording is by layer, so a checkpointed recompute overwrites.
+    (Only for U < B: the pass is told apart by its row count.)"""
+
+    def __init__(self, rows: Tensor):
+        self.rows = rows
+        self.decoding = False
+        self.kv: dict[int, Tensor] = {}
+        self.length = 0  # prompt tokens, once the first forward has run
+
+    def update(self, layer: int, ckv_BTL: Tensor, kpe_BTR: Tensor) -> Tensor:
+        new = torch.cat([ckv_BTL, kpe_BTR], dim=-1)
+        if new.shape[0] != self.rows.shape[0]:  # the prompts' forward (U < B rows), or its checkpointed recompute
+            self.kv[layer] = new
+            return new
+        return torch.cat([self.kv[layer].index_select(0, self.rows), new], dim=1)
+
+    def token_weights(self, valid_BT: Tensor) -> Tensor:
+        """The prompts' forward: each prompt's tokens weigh as many rows as share it."""
+        if valid_BT.shape[0] == self.rows.shape[0]:
+            return valid_BT
+        return valid_BT * torch.bincount(self.rows, minlength=valid_BT.shape[0]).to(valid_BT.dtype)[:, None]
+
+    def advance(self) -> None:
+        if not self.length:
+            self.length = next(iter(self.kv.values())).shape[1]
+
+    def derived(self, owner: nn.Module, build: Callable[[], object]) -> None:
+        return None  # decode-time folds are built without gradients: never in training
+
+
+Cache = LatentCache | SharedPrefix
 
 
 class MLA(nn.Module):
@@ -204,7 +247,8 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * c.v_head_dim, D, bias=c.attention_bias)
         self.scale = softmax_scale(c)
 
-    def forward(self, x_BTD: Tensor, rope: Tensor, mask: Tensor | None, cache: LatentCache | None = None) -> Tensor:
+    def forward(self, x_BTD: Tensor, rope: Tensor, mask: Tensor | None,
+                cache: Cache | None = None) -> Tensor:
         """rope: complex [B, T, 1, R/2]. mask: boolean [B, 1, T, S] (True = attend) or None (causal); with a
         cache, an additive float [B, 1, T, S] (0 or -inf), S = cached + T."""
         c = self.c
@@ -224,8 +268,12 @@ class MLA(nn.Module):
 
         if cache is not None:
             kv_BSX = cache.update(self.layer_idx, ckv_BTL, k_pe_BTR)
-            if kv_BSX.shape[1] > T:  # tokens cached by earlier calls: decode in latent space
+            # tokens cached by earlier calls: attention in latent space, always when decoding (it reads only the
+            # small cache), for a shared prefix where a latent row is no wider than a head's key and value
+            C, V = c.qk_nope_head_dim, c.v_head_dim
+            if kv_BSX.shape[1] > T and (cache.decoding or 2 * L + R <= C + R + V):
                 return self._absorbed(q_first_BTHY, q_pe_BTHR, kv_BSX, mask, fold)
+            ckv_BTL, k_pe_BTR = kv_BSX.split([L, R], dim=-1)  # (a shared prefix's rows, then the T new ones)
         # training, or a prefill into an empty cache (T queries x T keys: expanding is cheaper there)
         return self.o_proj(self._expanded(q_first_BTHY, q_pe_BTHR, ckv_BTL, k_pe_BTR, mask))
 
@@ -253,19 +301,19 @@ class MLA(nn.Module):
         dt = q_last.weight.dtype
         return wq.reshape(H * (L + R), Q).to(dt), wo_HDL.transpose(0, 1).reshape(D, H * L).to(dt)
 
-    def _expanded(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, ckv_BTL: Tensor, k_pe_BTR: Tensor,
+    def _expanded(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, ckv_BSL: Tensor, k_pe_BSR: Tensor,
                   mask: Tensor | None) -> Tensor:
-        """Per-head K and V from W_kvb and one SDPA call -> [B, T, H*V]."""
+        """Per-head K and V of the S keys from W_kvb and one SDPA call -> [B, T, H*V]."""
         B, T, H, C = q_nope_BTHC.shape
-        R, V = q_pe_BTHR.shape[-1], self.c.v_head_dim
-        kv = self.kv_b_proj(ckv_BTL).view(B, T, H, C + V)
-        k_nope_BTHC, v_BTHV = kv.split([C, V], dim=-1)
+        R, V, S = q_pe_BTHR.shape[-1], self.c.v_head_dim, ckv_BSL.shape[1]
+        kv = self.kv_b_proj(ckv_BSL).view(B, S, H, C + V)
+        k_nope_BSHC, v_BSHV = kv.split([C, V], dim=-1)
         # [B, T, H, X] memory seen as [B, H, T, X]: the layout SDPA's CPU kernels read without a copy
         q_BHTX = torch.cat([q_nope_BTHC, q_pe_BTHR], dim=-1).transpose(1, 2)
-        k_BHTX = torch.cat([k_nope_BTHC, k_pe_BTR.unsqueeze(2).expand(B, T, H, R)], dim=-1).transpose(1, 2)
+        k_BHSX = torch.cat([k_nope_BSHC, k_pe_BSR.unsqueeze(2).expand(B, S, H, R)], dim=-1).transpose(1, 2)
         if V < C + R:  # SDPA's fused (flash) CPU/GPU kernels need v's head dim == q's: pad v with zeros
-            v_BTHV = F.pad(v_BTHV, (0, C + R - V))
-        o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHTX, v_BTHV.transpose(1, 2), attn_mask=mask,
+            v_BSHV = F.pad(v_BSHV, (0, C + R - V))
+        o_BHTV = F.scaled_dot_product_attention(q_BHTX, k_BHSX, v_BSHV.transpose(1, 2), attn_mask=mask,
                                                 is_causal=mask is None, scale=self.scale)[..., :V]
         return o_BHTV.transpose(1, 2).reshape(B, T, H * V)
 
@@ -456,7 +504,7 @@ class MoE(nn.Module):
     DENSE_MAX_MACS = 1 << 23
 
     def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None,
-                cache: LatentCache | None = None) -> tuple[Tensor, Tensor | None]:
+                cache: Cache | None = None) -> tuple[Tensor, Tensor | None]:
         """-> (y, sequence-wise balance loss; None when it is off or in eval)."""
         B, T, D = x_BTD.shape
         K, E = self.c.num_experts_per_tok, self.c.n_routed_experts
@@ -481,10 +529,9 @@ class MoE(nn.Module):
         y_ND = y_ND.index_add_(0, token_of, y_sorted.to(x_ND.dtype))
         aux = None
         if self.training:
-            with torch.no_grad():  # padding tokens do not count toward the load
-                v = valid_BT.reshape(-1, 1).expand(-1, K).flatten() if valid_BT is not None else None
-                self.tokens_per_expert += torch.bincount(flat_idx, weights=v.float() if v is not None else None,
-                                                         minlength=E)
+            with torch.no_grad():  # padding tokens do not count toward the load (weights: see forward's `valid`)
+                v = valid_BT.reshape(-1, 1).expand(-1, K).flatten().float() if valid_BT is not None else None
+                self.tokens_per_expert += torch.bincount(flat_idx, weights=v, minlength=E)
             if self.c.seq_aux_loss_alpha > 0:
                 aux = self.seq_aux_loss(scores_NE.view(B, T, E), idx_NK.view(B, T, K), valid_BT)
         return y_ND.view(B, T, D), aux
@@ -530,7 +577,7 @@ class MoE(nn.Module):
         f_i = E / (K T) * #tokens choosing i, P_i = mean_t of the normalised scores s_i / sum_j s_j."""
         B, T, E = scores_BTE.shape
         K = idx_BTK.shape[-1]
-        v_BT = torch.ones(B, T, device=scores_BTE.device) if valid_BT is None else valid_BT.float()
+        v_BT = torch.ones(B, T, device=scores_BTE.device) if valid_BT is None else (valid_BT > 0).float()
         n_B = v_BT.sum(1).clamp(min=1)
         chosen_BTE = torch.zeros_like(scores_BTE).scatter_(2, idx_BTK, 1.0) * v_BT.unsqueeze(-1)
         f_BE = chosen_BTE.sum(1) * E / (K * n_B.unsqueeze(-1))
@@ -551,16 +598,16 @@ class Block(nn.Module):
             self.mlp_hc = HyperConnection(c, 2 * layer_idx + 1)
 
     def _attn(self, x: Tensor, rope: Tensor, mask: Tensor | None,
-              cache: LatentCache | None) -> tuple[Tensor, None]:
+              cache: Cache | None) -> tuple[Tensor, None]:
         return self.self_attn(self.input_layernorm(x), rope, mask, cache), None
 
-    def _mlp(self, x: Tensor, valid: Tensor | None, cache: LatentCache | None) -> tuple[Tensor, Tensor | None]:
+    def _mlp(self, x: Tensor, valid: Tensor | None, cache: Cache | None) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.mlp, MoE):
             return self.mlp(self.post_attention_layernorm(x), valid, cache)
         return self.mlp(self.post_attention_layernorm(x)), None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None,
-                cache: LatentCache | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                cache: Cache | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x is x_BTD, or x_BTnD (n residual streams) with hyper-connections. Returns (x, aux loss or None)."""
         if not hasattr(self, "attn_hc"):
             x = x + self._attn(x, rope, mask, cache)[0]
@@ -630,7 +677,7 @@ class V3ForCausalLM(nn.Module):
         return torch.polar(torch.full_like(angles, self.rope_factor), angles).unsqueeze(2)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: LatentCache | None = None, mtp: bool | None = None) -> V3Output:
+                cache: Cache | None = None, mtp: bool | None = None) -> V3Output:
         """input_ids [B, T]. attention_mask [B, S] marks real tokens (S = cached + T; left padding ok).
         position_ids [B, T]: defaults to the count of real tokens before each one; in a packed batch,
         positions that restart at 0 start a new document that does not see the previous ones."""
@@ -650,7 +697,12 @@ class V3ForCausalLM(nn.Module):
             mask = additive_mask(attention_mask, position_ids, T, past, x.dtype)
         rope = self.rope(position_ids)
         # real tokens of this call: the MoE load counts skip padding (training only)
-        valid = attention_mask[:, -T:].bool() if attention_mask is not None and self.training else None
+        # training: each token's weight in the MoE load counts, 0 for padding; a shared prompt's tokens count
+        # once per row that shares it, as if each had run them (so sharing leaves the balancing unchanged)
+        valid = None
+        if attention_mask is not None and self.training:
+            valid = attention_mask[:, -T:].float()
+            valid = cache.token_weights(valid) if cache is not None else valid
         if self.config.residual != "standard":
             x = expand_streams(x, self.config.hc_streams)
         aux = x.new_zeros((), dtype=torch.float32)
