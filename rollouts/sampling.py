@@ -53,7 +53,9 @@ class NoiseStreams:
             for i in samples:
                 gumbel_(self.buf_NJV[i], self.generators[i])
         self.step += 1
-        return self.buf_NJV[samples_B, j]
+        if len(samples) == len(self.generators):  # no sample has finished: a view, no gather
+            return self.buf_NJV[:, j]
+        return self.buf_NJV[:, j].index_select(0, samples_B)
 
 
 def truncate(logits_BV: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:

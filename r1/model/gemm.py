@@ -106,7 +106,8 @@ class _Linear(torch.autograd.Function):
 def linear(x: Tensor, w_NK: Tensor, b_N: Tensor | None = None) -> Tensor:
     """F.linear, with oneDNN GEMMs for fp32 CPU inputs of at least MIN_ROWS rows and MIN_MACS."""
     K = x.shape[-1]
-    if not usable(x, w_NK) or not _worth(x.numel() // max(K, 1), K, w_NK.shape[0]):
+    # the size test first: it is the cheaper one, and decoding's GEMMs fail it (per-call overhead counts there)
+    if not _worth(x.numel() // max(K, 1), K, w_NK.shape[0]) or not usable(x, w_NK):
         return F.linear(x, w_NK, b_N)
     x_MK = x.reshape(-1, K)
     if torch.is_grad_enabled() and (x.requires_grad or w_NK.requires_grad or (b_N is not None and b_N.requires_grad)):
