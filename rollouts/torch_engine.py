@@ -12,7 +12,8 @@ make samples reproducible and independent of how the batch shrinks (rollouts/sam
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from r1.model import LatentCache, V3ForCausalLM
 from r1.model.hf import hf_to_native, load_state
+from r1.model.model import GroupedExperts
 from rollouts.base import Rollout, SamplingParams
 from rollouts.sampling import NoiseStreams, make_generators, sample
 
@@ -83,6 +85,37 @@ class HFStepper:
 # model class -> stepper; anything else is treated as a transformers causal LM
 STEPPERS: dict[type[nn.Module], type] = {V3ForCausalLM: V3Stepper}
 
+# A decode step whose GEMMs total at most this many multiply-adds runs on one CPU thread: its ~200 ops then take
+# a few microseconds each, and an OpenMP fork/join per op costs more than the second core gives back. Measured
+# (whole generate calls, alternating in one process, 2 cores): the tiny V3 (134k multiply-adds a token) at 8 rows
+# 118 ms on one thread vs 166 on two; at 16 rows even (145-172 vs 150-195 over four runs); at 32 rows 205 vs 186.
+ONE_THREAD_DECODE_MACS = 1 << 21
+
+
+def macs_per_token(model: nn.Module) -> int:
+    """Multiply-adds of one decoded token through the model's GEMMs, i.e. the matrix weights it reads: routed
+    experts count for the k of E a token uses; embeddings (one row read) and MTP modules (not run) not at all."""
+    k_of_e = 1.0
+    if isinstance(model, V3ForCausalLM):
+        k_of_e = model.config.num_experts_per_tok / model.config.n_routed_experts
+    total = 0.0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) or name.startswith("mtp."):
+            continue
+        own = sum(p.numel() for p in m.parameters(recurse=False) if p.dim() >= 2)
+        total += own * (k_of_e if isinstance(m, GroupedExperts) else 1.0)
+    return int(total)
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
 
 def _eos_ids(model: nn.Module, tokenizer: object | None) -> list[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -103,6 +136,7 @@ class TorchEngine:
         pad = getattr(tokenizer, "pad_token_id", None) if pad_token_id is None else pad_token_id
         self.pad_id = 0 if pad is None else pad  # pads are masked out; any valid id will do
         self.stepper_cls = next((s for cls, s in STEPPERS.items() if isinstance(model, cls)), HFStepper)
+        self.macs_per_token = macs_per_token(model)
         self.asleep = False
 
     # ------------------------------------------------------------------------------------------ generate
@@ -157,28 +191,31 @@ class TorchEngine:
         lengths_N, stopped_N = [M] * N, [False] * N
         live = list(range(N))  # sample index of each batch row
         live_B = torch.arange(N, device=dev)
-        for t in range(M):
-            noise_BV = noise.next(live, live_B) if noise is not None else None
-            tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live], noise_BV)
-            tokens_NM[live_B, t], logps_NM[live_B, t] = tok_B, lp_B
-            if t == M - 1:
-                break
-            done = torch.isin(tok_B, stop_ids).tolist() if can_stop else []
-            if sp.stop:  # stop strings need the text: only the tail that a new match could end in
-                done = [d or self._tail_has_stop(tokens_NM[i, :t + 1], sp.stop)
-                        for d, i in zip(done, live, strict=True)]
-            if any(done):
-                for b, i in enumerate(live):
-                    if done[b]:
-                        lengths_N[i], stopped_N[i] = t + 1, True
-                keep = [b for b, d in enumerate(done) if not d]
-                if not keep:
+        # a tiny decode step runs on one thread (ONE_THREAD_DECODE_MACS); the prefill above used them all
+        one_thread = dev.type == "cpu" and N * self.macs_per_token <= ONE_THREAD_DECODE_MACS
+        with _threads(1) if one_thread else contextlib.nullcontext():
+            for t in range(M):
+                noise_BV = noise.next(live, live_B) if noise is not None else None
+                tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live], noise_BV)
+                tokens_NM[live_B, t], logps_NM[live_B, t] = tok_B, lp_B
+                if t == M - 1:
                     break
-                keep_B = torch.as_tensor(keep, device=dev)
-                stepper.select(keep_B)  # finished rows leave the batch and the cache
-                live, tok_B, mask_BS = [live[b] for b in keep], tok_B[keep_B], mask_BS[keep_B]
-                live_B = torch.as_tensor(live, device=dev)
-            logits_BV = stepper.decode(tok_B, mask_BS[:, :Tp + t + 1])
+                done = torch.isin(tok_B, stop_ids).tolist() if can_stop else []
+                if sp.stop:  # stop strings need the text: only the tail that a new match could end in
+                    done = [d or self._tail_has_stop(tokens_NM[i, :t + 1], sp.stop)
+                            for d, i in zip(done, live, strict=True)]
+                if any(done):
+                    for b, i in enumerate(live):
+                        if done[b]:
+                            lengths_N[i], stopped_N[i] = t + 1, True
+                    keep = [b for b, d in enumerate(done) if not d]
+                    if not keep:
+                        break
+                    keep_B = torch.as_tensor(keep, device=dev)
+                    stepper.select(keep_B)  # finished rows leave the batch and the cache
+                    live, tok_B, mask_BS = [live[b] for b in keep], tok_B[keep_B], mask_BS[keep_B]
+                    live_B = torch.as_tensor(live, device=dev)
+                logits_BV = stepper.decode(tok_B, mask_BS[:, :Tp + t + 1])
         if M and live and can_stop:  # rows alive at the last step may still have ended on a stop token / string
             last = tokens_NM[live_B, M - 1]
             hit = torch.isin(last, stop_ids).tolist()

@@ -151,6 +151,37 @@ def test_same_seed_same_samples_and_restores_train_mode(model):
     assert [r.token_ids for r in d] == [r.token_ids for r in engine.generate(ps, SamplingParams(max_tokens=20))]
 
 
+def test_tiny_decode_steps_run_on_one_thread(model, monkeypatch):
+    """Below ONE_THREAD_DECODE_MACS a step the decode loop runs single-threaded (the prefill does not), above it
+    on every thread; the caller's thread count comes back either way, an exception included."""
+    from rollouts import torch_engine
+
+    seen: list[tuple[str, int]] = []
+    for phase in ("prefill", "decode"):
+        orig = getattr(torch_engine.V3Stepper, phase)
+        monkeypatch.setattr(torch_engine.V3Stepper, phase, lambda self, *a, _o=orig, _p=phase, **k: (
+            seen.append((_p, torch.get_num_threads())), _o(self, *a, **k))[1])
+    engine = make_engine("torch", model=model.eval(), tokenizer=load_tokenizer())
+    ps, sp = prompts(), SamplingParams(max_tokens=4, ignore_eos=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert len(ps) * engine.macs_per_token <= torch_engine.ONE_THREAD_DECODE_MACS
+        engine.generate(ps, sp)
+        assert seen[0] == ("prefill", 2) and {t for p, t in seen[1:]} == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(torch_engine, "ONE_THREAD_DECODE_MACS", 0)
+        engine.generate(ps, sp)
+        assert {t for _, t in seen} == {2}
+        monkeypatch.setattr(torch_engine, "ONE_THREAD_DECODE_MACS", 1 << 40)
+        monkeypatch.setattr(torch_engine.V3Stepper, "decode", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            engine.generate(ps, sp)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_load_weights_copies_hf_named_tensors(model):
     other = tiny(seed=1)
     engine = TorchEngine(tiny(seed=0), eos_token_id=2)
