@@ -5,6 +5,8 @@ Simplifications (named, as nanochat does): data parallelism is a flat gradient a
 (see Dist; `accelerate launch` starts the processes), not DDP or FSDP sharding; the torch engine shares the policy
 object, so weight sync is a no-op there and a bucketed `load_weights` for a separate engine; the reference model
 is a frozen copy, built only when beta > 0; every rank keeps a full copy of the weights and optimizer state.
+For the native model the update runs each micro-batch's distinct prompts once and attends the G completions to
+them (`shared_prefix`, `sequence_logprobs`): the same numbers as G whole sequences, fewer FLOPs.
 """
 
 from __future__ import annotations
