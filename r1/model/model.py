@@ -6,13 +6,16 @@ Architecture choices, top to bottom:
   RoPE (with YaRN) only on the rope dims; softmax scale qk_head_dim^-0.5 * mscale^2.
   Training/prefill expand K and V and call F.scaled_dot_product_attention. With a `LatentCache` the
   cache holds only c_kv and k_pe; decoding absorbs W_kvb into the query and the output, so attention
-  runs over (kv_lora_rank + rope) features per cached token, shared by all heads (plain bmm calls).
+  runs over (kv_lora_rank + rope) features per cached token, shared by all heads (plain bmm calls); for
+  small models the cache also holds W_kvb folded into W_qb and W_o. A `SharedPrefix` runs prompts shared
+  by several sequences once (GRPO's groups) and attends the sequences to their prompt's latent rows.
 - MoE: fp32 sigmoid router; experts chosen by score + e_score_correction_bias, group-limited
   (group score = sum of its top-2, masked groups filled with -inf as DeepSeek's own code does);
   gate weights from the unbiased scores, normalised over the chosen k, times routed_scaling_factor.
   Tokens are sorted by expert and each expert runs on its contiguous slice (torch._grouped_mm where
-  available; two padded bmm calls when every expert has only a few rows, as in decoding). No token
-  dropping. Shared experts always on; the first first_k_dense_replace layers dense.
+  available; two padded bmm calls when every expert has only a few rows; in decoding a tiny MoE runs
+  every expert in two GEMMs, a small one gathers the chosen experts' weights). No token dropping.
+  Shared experts always on; the first first_k_dense_replace layers dense.
 - Auxiliary-loss-free balancing: every MoE counts tokens per expert in the forward pass;
   `update_router_biases` (called once per optimizer step) moves b += gamma * sign(mean - load).
   Optional sequence-wise balance loss (alpha) is returned as `aux_loss`.
@@ -23,7 +26,8 @@ Simplifications: no dropout, no KV-head grouping (MLA has num_key_value_heads ==
 FP8, parallelism and checkpoint I/O live outside this file and swap modules from outside.
 
 Shape legend: B batch, T query length, S key length, D hidden, H heads, C qk_nope dim, R rope dim,
-V v dim, L kv_lora_rank, N tokens (B*T), E routed experts, K experts per token, I expert width.
+V v dim, L kv_lora_rank, N tokens (B*T), E routed experts, K experts per token, I expert width,
+Y the query's first part per head (C, or L once W_kvb is folded in).
 """
 
 from __future__ import annotations
