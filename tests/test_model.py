@@ -361,3 +361,29 @@ def test_cli_model_prints_counts(tmp_path):
     assert out.returncode == 0 and "total parameters" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "r1", "model", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_rmsnorm_paths_agree(monkeypatch):
+    """The decode-sized CPU path (one fused norm, rsqrt(eps + |x|^2 / D)), torch's rms_norm above that size, and the
+    training path's autograd Function give the same values (fp32 rounding); the small path runs only below its
+    size limit and without gradients."""
+    from r1.model.model import RMSNorm
+
+    calls = []
+    vector_norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: calls.append(a[0].shape) or vector_norm(*a, **k))
+    torch.manual_seed(12)
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    for shape, small in (((16, 1, 48), True), ((4, 100, 48), False)):
+        x = torch.randn(shape) * 3
+        want = torch.nn.functional.rms_norm(x.double(), (48,), norm.weight.double(), 1e-6)
+        calls.clear()
+        with torch.no_grad():
+            got = norm(x)
+        assert calls == ([x.shape] if small else [])
+        trained = norm(x.requires_grad_())
+        assert calls == ([x.shape] if small else [])  # training never takes it
+        assert (got.double() - want).abs().max() < 1e-6 * want.abs().max()
+        assert (trained.double() - want).abs().max() < 1e-6 * want.abs().max()

@@ -50,12 +50,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    # decode-sized CPU inputs (elements): torch's CPU rms_norm is a composite of ~10 dispatches, its scalar
+    # operands each made a tensor; one fused norm, an addcmul and in-place ops take 5-7 us there instead of 8-10
+    SMALL_CPU = 1 << 14
+
     def forward(self, x: Tensor) -> Tensor:
         # In fp32 for stability, cast back before the weight (as transformers and DeepSeek do). F.rms_norm
         # is the same x * rsqrt(mean(x^2) + eps) * w in one call (decoding is bound by the number of ops).
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
                 return _RMSNormCPU.apply(x, self.weight, self.eps)
+            if x.device.type == "cpu" and x.numel() <= self.SMALL_CPU:  # rsqrt(eps + |x|^2 / D): equal to 2e-7
+                n = torch.linalg.vector_norm(x, 2, -1, keepdim=True)
+                return (x * torch.addcmul(n.new_full((), self.eps), n, n, value=1.0 / x.shape[-1]).rsqrt_()).mul_(
+                    self.weight)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
