@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -115,3 +116,14 @@ class Dist:
         self.all_reduce(hi, "max")
         self.all_reduce(lo.neg_(), "max")
         return bool(torch.equal(hi, -lo))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n inside the block, the caller's restored after (errors included)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

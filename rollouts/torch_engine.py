@@ -13,7 +13,7 @@ make samples reproducible and independent of how the batch shrinks (rollouts/sam
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from r1.model import LatentCache, V3ForCausalLM
 from r1.model.hf import hf_to_native, load_state
 from r1.model.model import GroupedExperts
+from r1.parallel import intra_op_threads
 from rollouts.base import Rollout, SamplingParams
 from rollouts.sampling import NoiseStreams, make_generators, sample
 
@@ -107,16 +108,6 @@ def macs_per_token(model: nn.Module) -> int:
     return int(total)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _eos_ids(model: nn.Module, tokenizer: object | None) -> list[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -193,7 +184,7 @@ class TorchEngine:
         live_B = torch.arange(N, device=dev)
         # a tiny decode step runs on one thread (ONE_THREAD_DECODE_MACS); the prefill above used them all
         one_thread = dev.type == "cpu" and N * self.macs_per_token <= ONE_THREAD_DECODE_MACS
-        with _threads(1) if one_thread else contextlib.nullcontext():
+        with intra_op_threads(1) if one_thread else contextlib.nullcontext():
             for t in range(M):
                 noise_BV = noise.next(live, live_B) if noise is not None else None
                 tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live], noise_BV)

@@ -5,7 +5,6 @@ rounded to it has ~2.5% RMS relative error, a product of two such operands ~3.6%
 below sit just above what the recipe measures (see `_errors`), well below what a wrong tiling gives.
 """
 
-import contextlib
 import copy
 
 import pytest
@@ -34,6 +33,7 @@ from r1.model import PRESETS, LatentCache, V3ForCausalLM
 from r1.model import hf as hf_io
 from r1.model.model import GroupedExperts
 from r1.optim import AdamW, round_stochastic
+from r1.parallel import intra_op_threads
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -382,17 +382,6 @@ def test_bf16_moments_decay_only_with_stochastic_rounding():
     assert stoch.float().mean().item() == pytest.approx(0.999**1000, rel=0.02)
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    # tiny matmuls: one thread avoids OpenMP contention on a shared 2-core runner (3-10x faster here)
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _train(fp8: bool, steps: int, bf16_moments: bool = False) -> list[float]:
     c = tiny_config()
     B, T, V = 8, 17, c.vocab_size
@@ -421,7 +410,7 @@ def _train(fp8: bool, steps: int, bf16_moments: bool = False) -> list[float]:
 def test_training_300_steps_fp8_matches_fp32():
     """FP8 (emulated) + bf16-moment AdamW vs fp32 + torch AdamW, same data and seed: mean loss of the last
     30 of 300 steps within 2% (measured: fp32 1.1437, fp8 + bf16 moments 1.1457, fp8 alone 1.1487; start 4.25)."""
-    with _threads(1):
+    with intra_op_threads(1):  # tiny matmuls: one thread avoids OpenMP contention on a 2-core runner (3-10x)
         ref, fp8 = _train(False, 300), _train(True, 300, bf16_moments=True)
     tail = lambda losses: sum(losses[-30:]) / 30
     print(f"300 steps: fp32 {tail(ref):.4f}  fp8+bf16-moments {tail(fp8):.4f}  (start {ref[0]:.4f})")
