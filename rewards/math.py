@@ -8,6 +8,8 @@ so a pathological answer costs its timeout, scores 0, and its worker is replaced
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,18 +107,41 @@ def worker_init() -> None:
     check(("\\frac{1}{2}", "0.5"))
 
 
+# Verdicts already computed in this process, by (gold, pred). A GRPO group's samples often end in the same
+# answer, and RL revisits its prompts, so on MATH-style golds most checks repeat; math-verify costs ~1-5 ms
+# each, plus the trip to the pool. Only real verdicts are kept: an item that timed out or crashed is retried.
+_VERDICTS: OrderedDict[tuple[str, str], float] = OrderedDict()
+_VERDICTS_LOCK = threading.Lock()  # reward functions may run in threads
+VERDICT_CACHE_SIZE = 1 << 16
+
+
 def verify_answers(golds: Sequence[Any], preds: Sequence[str | None], timeout: float = 3.0,
                    workers: int = 2) -> list[float]:
-    """Score bare answers against golds: 1.0 / 0.0; a missing, unparsable or timed-out answer is 0."""
+    """Score bare answers against golds: 1.0 / 0.0; a missing, unparsable or timed-out answer is 0. Integers are
+    compared here; each other distinct (gold, pred) pair goes to math-verify in the pool once (then memoised)."""
     golds = [gold_answer(g) for g in golds]
     scores: list[float | None] = [None if p is None else _fast_verdict(g, p)
                                   for g, p in zip(golds, preds, strict=True)]
-    slow = [i for i, (s, p) in enumerate(zip(scores, preds, strict=True)) if s is None and p is not None]
-    if slow:
+    slow: dict[tuple[str, str], float | None] = {
+        (golds[i], p): None for i, (s, p) in enumerate(zip(scores, preds, strict=True)) if s is None and p is not None}
+    with _VERDICTS_LOCK:
+        for k in slow:
+            if k in _VERDICTS:
+                slow[k] = _VERDICTS[k]
+                _VERDICTS.move_to_end(k)
+    todo = [k for k, v in slow.items() if v is None]
+    if todo:
         pool = shared_pool("rewards.math:check", workers, timeout)
-        for i, r in zip(slow, pool.map([(golds[i], preds[i]) for i in slow], default=0.0), strict=True):
-            scores[i] = r
-    return [s or 0.0 for s in scores]
+        verdicts = pool.map(todo, default=None)  # None: timed out or crashed
+        with _VERDICTS_LOCK:
+            for k, r in zip(todo, verdicts, strict=True):
+                slow[k] = r
+                if r is not None:
+                    _VERDICTS[k] = r
+            while len(_VERDICTS) > VERDICT_CACHE_SIZE:
+                _VERDICTS.popitem(last=False)
+    return [(slow[(g, p)] if s is None and p is not None else s) or 0.0
+            for g, p, s in zip(golds, preds, scores, strict=True)]
 
 
 def math_reward(completions: list, answer: list, extract: Sequence[str] = DEFAULT_EXTRACT, timeout: float = 3.0,

@@ -156,6 +156,35 @@ def test_pathological_batch():
     assert os.getpid() == pid and verify_answers(["\\frac12"], ["0.5"], timeout=timeout) == [1.0]
 
 
+def test_repeated_pairs_go_to_the_pool_once_and_timeouts_are_retried(monkeypatch):
+    import rewards.math as rm
+
+    monkeypatch.setattr(rm, "_VERDICTS", rm.OrderedDict())
+    sent = []
+
+    class Counting:  # the real pool, recording what is sent to it
+        def __init__(self, *a, **k):
+            self.pool = shared_pool(*a, **k)
+
+        def map(self, items, default=None):
+            sent.append(list(items))
+            return self.pool.map(items, default)
+
+    monkeypatch.setattr(rm, "shared_pool", Counting)
+    golds = ["\\frac12"] * 8 + ["\\frac13"] * 8 + ["4"]
+    preds = ["0.5"] * 5 + ["1/3"] * 3 + ["1/3"] * 8 + ["4"]
+    want = [1.0] * 5 + [0.0] * 3 + [1.0] * 8 + [1.0]
+    assert verify_answers(golds, preds) == want
+    assert sent == [[("\\frac12", "0.5"), ("\\frac12", "1/3"), ("\\frac13", "1/3")]]  # distinct, not integers
+    assert verify_answers(golds, preds) == want and len(sent) == 1  # memoised: no second trip
+    # a timed-out item has no verdict to keep: it scores 0 and is tried again next time
+    slow = "(10^{10^{10}})!"
+    assert verify_answers(["1", "1"], [slow, slow], timeout=0.5) == [0.0, 0.0]
+    assert verify_answers(["1"], [slow], timeout=0.5) == [0.0]
+    assert sent[1:] == [[("1", slow)], [("1", slow)]]
+    assert ("1", slow) not in rm._VERDICTS
+
+
 def test_dead_worker_is_replaced():
     pool = WorkerPool("os:_exit", workers=1, timeout=5)  # every item kills its worker
     try:
