@@ -148,9 +148,13 @@ class _GroupedMM(torch.autograd.Function):
         x_MX, w_EYX = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         dx = x_MX.new_empty(x_MX.shape) if need_x else None
-        dw = torch.zeros_like(w_EYX) if need_w else None
+        # not zeros_like: a pass over all experts' weights (and its page faults, on a fresh buffer) to zero what
+        # the GEMMs overwrite; only experts without rows are zeroed
+        dw = torch.empty_like(w_EYX) if need_w else None
         s = 0
         for e, n in enumerate(ctx.splits):
+            if need_w and not n:
+                dw[e].zero_()
             if n:
                 if need_x:
                     _rows_into(dx, dy_MY, w_EYX[e].T, s, n)
@@ -159,7 +163,9 @@ class _GroupedMM(torch.autograd.Function):
                     nb = n - n % BUCKET
                     if nb:
                         dw[e] = wgrad(dy_MY[s:s + nb], x_MX[s:s + nb])
-                    if nb < n:
-                        dw[e].addmm_(dy_MY[s + nb:s + n].T, x_MX[s + nb:s + n])
+                        if nb < n:
+                            dw[e].addmm_(dy_MY[s + nb:s + n].T, x_MX[s + nb:s + n])
+                    else:
+                        torch.mm(dy_MY[s:s + n].T, x_MX[s:s + n], out=dw[e])
             s += n
         return dx, dw, None
