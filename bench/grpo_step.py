@@ -53,6 +53,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # bench/common.py (append
 import torch  # noqa: E402
 from common import peak_bytes  # noqa: E402
 
+import rewards.math  # noqa: E402
 import rollouts  # noqa: E402
 from r1 import trainer  # noqa: E402
 from r1.data import render, smoke_rl_rows  # noqa: E402
@@ -106,6 +107,7 @@ def check_same_model(model_dir: Path, prompts: list[list[int]]) -> float:
 
 
 def run_ours(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: int) -> list[dict]:
+    rewards.math._VERDICTS.clear()  # each run starts with no memoised verdicts (both sides share the function)
     # CPU seconds of this process per step: between consecutive metrics lines (step 1 also holds the setup)
     cpu: list[float] = []
     log = trainer.JsonlLogger.log
@@ -149,6 +151,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: int
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    rewards.math._VERDICTS.clear()  # as run_ours
     times: list[float] = []
     cpu: list[float] = []
     phases: dict[str, list[float]] = {"generate": [], "reward": [], "rollout": []}
