@@ -53,7 +53,6 @@ sys.path.append(str(Path(__file__).resolve().parent))  # bench/common.py (append
 import torch  # noqa: E402
 from common import peak_bytes  # noqa: E402
 
-import rewards.math  # noqa: E402
 import rollouts  # noqa: E402
 from r1 import trainer  # noqa: E402
 from r1.data import render, smoke_rl_rows  # noqa: E402
@@ -61,7 +60,7 @@ from r1.model.config import PRESETS  # noqa: E402
 from r1.model.model import V3ForCausalLM  # noqa: E402
 from r1.tokenizer import load_tokenizer  # noqa: E402
 from r1.trainer import TrainConfig, export, load_policy, sequence_logprobs, train  # noqa: E402
-from rewards.math import math_reward  # noqa: E402
+from rewards.math import forget_verdicts, math_reward  # noqa: E402
 
 ENGINE = "torch_fixed_length"
 
@@ -107,7 +106,7 @@ def check_same_model(model_dir: Path, prompts: list[list[int]]) -> float:
 
 
 def run_ours(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: int) -> list[dict]:
-    rewards.math._VERDICTS.clear()  # each run starts with no memoised verdicts (both sides share the function)
+    forget_verdicts()  # each run starts with no memoised verdicts (both sides share the function)
     # CPU seconds of this process per step: between consecutive metrics lines (step 1 also holds the setup)
     cpu: list[float] = []
     log = trainer.JsonlLogger.log
@@ -151,7 +150,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: int
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    rewards.math._VERDICTS.clear()  # as run_ours
+    forget_verdicts()  # as run_ours
     times: list[float] = []
     cpu: list[float] = []
     phases: dict[str, list[float]] = {"generate": [], "reward": [], "rollout": []}

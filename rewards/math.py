@@ -115,6 +115,12 @@ _VERDICTS_LOCK = threading.Lock()  # reward functions may run in threads
 VERDICT_CACHE_SIZE = 1 << 16
 
 
+def forget_verdicts() -> None:
+    """Empty the memo (benchmarks that time the checks, tests)."""
+    with _VERDICTS_LOCK:
+        _VERDICTS.clear()
+
+
 def verify_answers(golds: Sequence[Any], preds: Sequence[str | None], timeout: float = 3.0,
                    workers: int = 2) -> list[float]:
     """Score bare answers against golds: 1.0 / 0.0; a missing, unparsable or timed-out answer is 0. Integers are
