@@ -50,3 +50,15 @@ def report(name: str, rows: dict[str, dict[str, float]], extra: dict[str, object
 def threads() -> int:
     return torch.get_num_threads()
 
+
+GEMM_CHOICE = ("auto", "onednn", "torch")
+
+
+def pick_gemm(choice: str) -> str:
+    """--gemm: "auto" keeps r1's CPU-based choice (oneDNN where the CPU has AVX-512: r1/model/gemm.py), "onednn" and
+    "torch" (MKL) force one; returns what the fp32 GEMMs of `use_onednn`-swapped models will run on."""
+    from r1.model import gemm
+
+    gemm.prefer({"auto": None, "onednn": True, "torch": False}[choice])
+    return "onednn" if gemm.ENABLED else "torch"
+

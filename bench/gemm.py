@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import report  # noqa: E402
+from common import pick_gemm, report  # noqa: E402
 
 from r1.model.gemm import mm_nt, usable, wgrad  # noqa: E402
 
@@ -50,10 +50,13 @@ def pairs(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> dict[str, tuple
 
 def main() -> None:
     torch.manual_seed(0)
+    default = pick_gemm("auto")  # what r1 picks on this CPU; the comparison forces oneDNN on
+    pick_gemm("onednn")
     probe = torch.zeros(1)
     if not usable(probe, probe):
         sys.exit("this torch has no oneDNN fp32 linear on this machine: nothing to compare")
-    print(f"GFLOP/s, fp32, {torch.get_num_threads()} threads: torch (MKL) / oneDNN")
+    print(f"GFLOP/s, fp32, {torch.get_num_threads()} threads: torch (MKL) / oneDNN "
+          f"(r1 picks {default} on this CPU: {torch.backends.cpu.get_cpu_capability()})")
     print(f"{'':16}{'M,K,N':>16}{'forward':>16}{'dgrad':>16}{'wgrad':>16}")
     results = {}
     for name, (M, K, N) in SHAPES.items():
@@ -62,7 +65,8 @@ def main() -> None:
         row = {k: (gf / best_seconds(a), gf / best_seconds(b)) for k, (a, b) in fns.items()}
         results[name] = {k: {"mkl": v[0], "onednn": v[1]} for k, v in row.items()}
         print(f"{name:16}{f'{M},{K},{N}':>16}" + "".join(f"{f'{a:.0f} / {b:.0f}':>16}" for a, b in row.values()))
-    report("gemm", results, {"threads": torch.get_num_threads()})
+    report("gemm", results, {"threads": torch.get_num_threads(), "default": default,
+                             "cpu_capability": torch.backends.cpu.get_cpu_capability()})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ The three models step in turn, rotating the order each step, so that load on the
 alike; ms/step is the median over the steps after the first 3. Reports the final loss (mean of the last
 5 steps), the largest composite forward / backward gain of H_res seen over training (hc_metrics), and
 mhc's / hc's step-time overhead over standard.
-Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N] [--hidden 256] [--gemm onednn|torch]
+Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N] [--hidden 256] [--gemm auto|onednn|torch]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import GEMM_CHOICE, pick_gemm, report  # noqa: E402
 
 from r1.cpu_gemm import use_onednn  # noqa: E402
 from r1.logprobs import lm_loss  # noqa: E402
@@ -54,9 +54,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=256, help="hidden size (the other dims as in the preset)")
-    ap.add_argument("--gemm", choices=("onednn", "torch"), default="onednn",
-                    help="fp32 GEMMs on oneDNN as r1's loaders set up (r1/cpu_gemm.py), or torch's matmul (MKL)")
+    ap.add_argument("--gemm", choices=GEMM_CHOICE, default="auto",
+                    help="fp32 GEMMs as r1's loaders pick them (auto: oneDNN where the CPU has AVX-512, "
+                         "r1/model/gemm.py), or forced onto oneDNN or torch's matmul (MKL)")
     args = ap.parse_args()
+    gemm = pick_gemm(args.gemm)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = PRESETS["bench"].replace(vocab_size=512, num_nextn_predict_layers=0, hidden_size=args.hidden)
@@ -65,8 +67,7 @@ def main() -> None:
     for mode in MODES:
         torch.manual_seed(0)  # the same standard weights in all three (HC parameters come on top)
         models[mode] = V3ForCausalLM(base.replace(residual=mode)).train()
-        if args.gemm == "onednn":
-            use_onednn(models[mode])
+        use_onednn(models[mode])  # as r1's loaders do (a no-op where the GEMMs stay on torch's matmul)
         # fused, as r1's trainer and SFT use it (the per-parameter loop would charge HC's 48 small tensors)
         opts[mode] = torch.optim.AdamW(models[mode].parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     losses: dict[str, list[float]] = {m: [] for m in MODES}
@@ -92,14 +93,14 @@ def main() -> None:
                 "overhead": ms[m] / ms["standard"] - 1} for m in MODES}
     print(f"{args.steps} steps, batch {args.batch} x seq {args.seq}, hidden {base.hidden_size}, "
           f"{base.num_hidden_layers} layers, n = {base.hc_streams}, fp32, {torch.get_num_threads()} threads, "
-          f"GEMMs: {args.gemm}")
+          f"GEMMs: {gemm} ({args.gemm})")
     print(f"{'mode':10}{'final loss':>11}{'fwd gain':>10}{'bwd gain':>10}{'ms/step':>9}{'overhead':>10}")
     for m, r in rows.items():
         print(f"{m:10}{r['final_loss']:11.3f}{r['max_forward_gain']:10.3f}{r['max_backward_gain']:10.3f}"
               f"{r['ms_per_step']:9.1f}{r['overhead']:+10.1%}")
     report("mhc", rows, {"steps": args.steps, "batch": args.batch, "seq": args.seq,
                          "threads": torch.get_num_threads(), "hidden": base.hidden_size,
-                         "gemm": args.gemm, "streams": base.hc_streams})
+                         "gemm": gemm, "streams": base.hc_streams})
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Config (the "bench" preset): hidden 256, 4 layers (1 dense), 16 routed experts t
 seq 512, batch 8, fp32, next-token loss. MTP and the sequence-wise balance loss are off on our side
 because transformers has neither. Runs alternate in one process; medians are reported, with the
 process CPU time per step (less sensitive than wall time to other jobs on a shared machine).
-Our model runs its fp32 GEMMs on oneDNN, as r1's loaders set it up (`--gemm torch`: torch's default, MKL).
-Usage: python bench/model_step.py [--repeats 5] [--batch 8] [--seq 512] [--gemm onednn|torch]
+Our model runs its fp32 GEMMs as r1's loaders set it up: oneDNN where the CPU has AVX-512, else torch's (MKL).
+Usage: python bench/model_step.py [--repeats 5] [--batch 8] [--seq 512] [--gemm auto|onednn|torch]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _v3ref import hf_copy, randomize  # noqa: E402
-from common import alternate, peak_bytes, report  # noqa: E402
+from common import GEMM_CHOICE, alternate, peak_bytes, pick_gemm, report  # noqa: E402
 
 from r1.cpu_gemm import use_onednn  # noqa: E402
 from r1.logprobs import lm_loss  # noqa: E402
@@ -35,14 +35,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--gemm", choices=("onednn", "torch"), default="onednn")
+    ap.add_argument("--gemm", choices=GEMM_CHOICE, default="auto",
+                    help="fp32 GEMMs as r1's loaders pick them (auto: oneDNN where the CPU has AVX-512, "
+                         "r1/model/gemm.py), or forced onto oneDNN or torch's matmul (MKL)")
     args = ap.parse_args()
+    gemm = pick_gemm(args.gemm)
     torch.manual_seed(0)
     c = PRESETS["bench"].replace(seq_aux_loss_alpha=0.0, num_nextn_predict_layers=0)
     ours = randomize(V3ForCausalLM(c)).train()
     ref = hf_copy(ours, attn="sdpa").train()  # transformers' default attention
-    if args.gemm == "onednn":  # as r1's loaders build it (r1/cpu_gemm.py); "torch": torch's matmul (MKL)
-        use_onednn(ours)
+    use_onednn(ours)  # as r1's loaders build it (r1/cpu_gemm.py): a no-op where the GEMMs stay on torch's matmul
     ids = torch.randint(0, c.vocab_size, (args.batch, args.seq))
 
     def step_ours() -> None:
@@ -74,7 +76,7 @@ def main() -> None:
     mem = {"r1": peak_bytes(step_ours), "transformers": peak_bytes(step_ref)}
     tokens = args.batch * args.seq
     print(f"forward+backward, batch {args.batch} x seq {args.seq}, fp32, {torch.get_num_threads()} threads, "
-          f"r1 GEMMs: {args.gemm} "
+          f"r1 GEMMs: {gemm} ({args.gemm}) "
           f"(loss r1 {l1:.4f} = transformers {l2:.4f})")
     print(f"{'':14}{'ms/step':>10}{'tokens/s':>11}{'peak MiB':>10}{'CPU ms':>10}")
     for k in t:
@@ -83,7 +85,7 @@ def main() -> None:
     print(f"time ratio r1/transformers = {ratio:.2f}x (target <= 0.6), peak memory ratio = {mratio:.2f}x "
           f"(target <= 1), CPU time ratio = {cpu_s['r1'] / cpu_s['transformers']:.2f}x")
     report("model_step", {k: {"ms": t[k] * 1e3, "peak_mib": mem[k] / 2**20} for k in t},
-           {"batch": args.batch, "seq": args.seq, "gemm": args.gemm, "time_ratio": ratio, "mem_ratio": mratio,
+           {"batch": args.batch, "seq": args.seq, "gemm": gemm, "time_ratio": ratio, "mem_ratio": mratio,
             "cpu_ratio": cpu_s["r1"] / cpu_s["transformers"]})
 
 

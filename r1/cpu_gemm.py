@@ -1,8 +1,9 @@
 """Swap a model's fp32 CPU GEMMs onto oneDNN (kernels and why: r1/model/gemm.py), from outside the model file.
 
 `use_onednn(model)` replaces, in place, every plain nn.Linear by a OneDNNLinear and the routed experts by
-OneDNNGroupedExperts, reusing the parameters (same names, same objects), as r1.fp8's conversion does. r1's
-loaders (`r1.trainer.load_policy`, SFT's presets) call it, for the native model and any transformers model.
+OneDNNGroupedExperts, reusing the parameters (same names, same objects), as r1.fp8's conversion does; only where
+the path is on (by default where the CPU has AVX-512: see r1/model/gemm.py). r1's loaders
+(`r1.trainer.load_policy`, SFT's presets) call it, for the native model and any transformers model.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from r1.model.gemm import EXPERT_MIN_ROWS, LINEAR_OP, _GroupedMM, linear, usable
+from r1.model import gemm
+from r1.model.gemm import EXPERT_MIN_ROWS, _GroupedMM, linear, usable
 from r1.model.model import GroupedExperts, swiglu
 
 
@@ -50,8 +52,9 @@ class OneDNNGroupedExperts(GroupedExperts):
 def use_onednn(model: nn.Module) -> nn.Module:
     """In place: every plain nn.Linear -> OneDNNLinear, every plain GroupedExperts -> OneDNNGroupedExperts.
     Parameters are reused (tied weights stay tied), so it can run before or after building the optimizer.
-    A no-op where this torch has no oneDNN; swapped modules still fall back per call (GPU, bf16, autocast)."""
-    if LINEAR_OP is None:
+    A no-op where the oneDNN path is off (`r1.model.gemm.ENABLED`: no AVX-512 on this CPU, where MKL is the faster
+    one, or no oneDNN op in this torch); swapped modules still fall back per call (GPU, bf16, autocast)."""
+    if not gemm.ENABLED:
         return model
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in model.modules():

@@ -19,6 +19,14 @@ from r1.model.model import V3ForCausalLM
 pytestmark = pytest.mark.skipif(cpu_gemm.LINEAR_OP is None, reason="this torch build has no oneDNN linear op")
 
 
+@pytest.fixture(autouse=True)
+def onednn_on():
+    """The kernels are tested on every CPU, whether or not this one picks them by default (AVX-512 only)."""
+    cpu_gemm.prefer(True)
+    yield
+    cpu_gemm.prefer(None)
+
+
 def _leaves64(*ts):
     """fp64 copies to run the reference through (torch's autograd and matmul, in double)."""
     return [t.detach().double().requires_grad_() for t in ts]
@@ -154,3 +162,17 @@ def test_bucketing_keeps_rows_and_skips_huge_gemms(monkeypatch):
     assert calls == [192, 64, 200]
     for y in (split, whole):
         assert y.shape == (200, 120) and (y.double() - ref).abs().max() < 1e-4
+
+
+def test_off_means_no_swap_and_torch_matmul(monkeypatch):
+    """With the path off (the default on a CPU without AVX-512, where MKL measured faster), the loaders' swap
+    leaves the model as it is and the kernels' entry points run torch's matmul, not oneDNN."""
+    cpu_gemm.prefer(False)
+    model = use_onednn(V3ForCausalLM(PRESETS["tiny"]))
+    kinds = {type(m) for m in model.modules()}
+    assert OneDNNLinear not in kinds and OneDNNGroupedExperts not in kinds and torch.nn.Linear in kinds
+    monkeypatch.setattr(cpu_gemm, "LINEAR_OP", lambda *a: pytest.fail("oneDNN called while off"))
+    a, b = torch.randn(256, 128), torch.randn(256, 128)
+    assert torch.allclose(cpu_gemm.mm_nt(a, b), a @ b.T) and torch.allclose(cpu_gemm.wgrad(a, b), a.T @ b)
+    cpu_gemm.prefer(None)
+    assert cpu_gemm.ENABLED == cpu_gemm.AVX512

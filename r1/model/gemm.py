@@ -2,8 +2,11 @@
 
 Why: torch sends an fp32 CPU matmul to MKL's sgemm, and MKL on a non-Intel x86 processor runs its AVX2
 kernels even where the CPU has AVX-512 (MKL_VERBOSE=1 shows the path). The oneDNN library in the same torch
-build (torch uses it for bf16) runs AVX-512 kernels. On this 2-core AMD EPYC (AVX-512), fp32 forward and dgrad
+build (torch uses it for bf16) runs AVX-512 kernels. On a 2-core AMD EPYC with AVX-512, fp32 forward and dgrad
 GEMMs of the model's shapes measured 110-200 GFLOP/s with MKL and 210-450 with oneDNN (`bench/gemm.py`).
+Where the CPU has no AVX-512 both libraries run AVX2, and MKL was the faster one (AMD EPYC Zen 3: forward and
+dgrad even, wgrad 1.2-1.6x faster on MKL; the bench model's training step 379 vs 425 ms), so the path is on
+only where torch reports AVX-512 (ENABLED; `prefer` overrides it).
 Results are fp32 with fp32 accumulation either way (not bf16/tf32). They are not bitwise equal to MKL's,
 but they are deterministic across runs and thread counts.
 
@@ -42,9 +45,21 @@ BIG_MACS = 1 << 30  # ~5 ms of GEMM here: a new primitive's ~0.5 ms no longer ma
 EXPERT_MIN_ROWS = 4 * BUCKET  # per expert on average: the bucketed windows then waste <= 25%, calls amortise
 
 
+# the CPU-based choice above: torch reports "AVX512" only where the CPU has it (and ATEN_CPU_CAPABILITY allows it)
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+ENABLED = LINEAR_OP is not None and AVX512
+
+
+def prefer(onednn: bool | None) -> None:
+    """Force the oneDNN path on (True) or off (False) for the process, or restore the CPU-based choice (None).
+    `usable` follows at once; `r1.cpu_gemm.use_onednn` swaps a model's modules only while it is on."""
+    global ENABLED
+    ENABLED = LINEAR_OP is not None and (AVX512 if onednn is None else onednn)
+
+
 def usable(x: Tensor, w: Tensor) -> bool:
-    """True where the oneDNN path applies: fp32 CPU tensors, no autocast, the op present in this torch."""
-    return (LINEAR_OP is not None and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+    """True where the oneDNN path applies: it is ENABLED, fp32 CPU tensors, no autocast, the op in this torch."""
+    return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu"))
 
 
