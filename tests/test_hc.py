@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from r1.model import cext
 from r1.model.config import PRESETS
 from r1.model.hc import HyperConnection, hc_metrics, sinkhorn
 from r1.model.hf import load_hf, save_hf
@@ -311,3 +312,78 @@ def test_bf16_with_gradient_checkpointing(mode):
     assert abs(out.item() - ref) < 0.05 * abs(ref)
     grads = [p.grad for name, p in model.named_parameters() if name.endswith("phi")]
     assert grads and all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------- the C kernels
+needs_cext = pytest.mark.skipif(cext.kernels() is None, reason="no C compiler: the torch path runs alone")
+
+
+def _hc_step(m, x):
+    """One HyperConnection forward + backward (a fixed nonlinear sub-block): output, dx, parameter gradients."""
+    m.zero_grad()
+    x = x.clone().requires_grad_()
+    w = torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)
+    out, _ = m(x, lambda h: ((h * w).tanh() * 1.5, None))
+    (out * torch.linspace(0.5, 2, out.numel(), dtype=x.dtype).view(out.shape)).sum().backward()  # non-uniform
+    return [out.detach(), x.grad, *(p.grad.clone() for p in m.parameters())]
+
+
+@needs_cext
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+@pytest.mark.parametrize("n", [4, 3])  # the unrolled n = 4 and the generic loops
+def test_c_kernels_are_as_accurate_as_the_torch_path(mode, n, monkeypatch):
+    """Mixing, write-back and the maps H (sigmoids, Sinkhorn and its implicit backward) in C, against the torch
+    path in fp64: the output, the stream gradient and every HC parameter's gradient are as close as torch's own
+    fp32 path gets (Sinkhorn's backward solves amplify fp32 rounding in both), with phi moved off zero."""
+    torch.manual_seed(n)
+    m = HyperConnection(tiny(residual=mode, hc_streams=n), index=1)
+    with torch.no_grad():
+        m.phi.normal_(0, 0.3)
+        m.alpha.fill_(0.7)
+    x = torch.randn(3, 37, n, m.phi.shape[0] // n)
+    c32 = _hc_step(m, x)  # fp32 CPU: the C kernels
+    with monkeypatch.context() as mp:
+        mp.setattr(cext, "fits", lambda *a: False)
+        t32 = _hc_step(m, x)
+        t64 = _hc_step(m.double(), x.double())
+    names = ["out", "dx"] + [k for k, _ in m.named_parameters()]
+    for name, c, t, ref in zip(names, c32, t32, t64, strict=True):
+        scale = ref.abs().max()
+        assert scale > 0, name  # every parameter gets a gradient here
+        err_c, err_t = (c.double() - ref).abs().max() / scale, (t.double() - ref).abs().max() / scale
+        assert err_c <= max(4 * err_t, 1e-5), (name, err_c.item(), err_t.item())
+
+
+@needs_cext
+@pytest.mark.parametrize("scale", [1.0, 50.0, 1e4])
+def test_c_sinkhorn_is_doubly_stochastic_and_finite(scale):
+    from r1.model.hc import SINKHORN_ITERS, _Maps
+
+    n = 4
+    torch.manual_seed(1)
+    z = scale * torch.randn(2 * n + n * n, 3000)
+    z[2 * n:, 0] = 80.0
+    z[2 * n:, 1] = (-1e4 * torch.eye(n)).flatten()
+    z.requires_grad_()
+    pre, post, res = _Maps.apply(z, n, SINKHORN_ITERS)
+    assert torch.isfinite(res).all() and (res >= 0).all()
+    assert (res.sum(-1) - 1).abs().max() < 1e-5 and (res.sum(-2) - 1).abs().max() < 1e-5
+    assert torch.allclose(res, sinkhorn(z.detach()[2 * n:].view(n, n, -1), dims=(0, 1)).permute(2, 0, 1), atol=1e-5)
+    (res * torch.randn(res.shape)).sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("R1_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="hc_kernels.c failed"):
+        assert cext.kernels.__wrapped__() is None
+
+
+@needs_cext
+def test_the_build_is_cached_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("R1_CACHE", str(tmp_path))
+    assert cext.kernels.__wrapped__() is not None
+    assert len(list(tmp_path.glob("hc_kernels-*.so"))) == 1
+    monkeypatch.setattr(cext.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt although cached"))
+    assert cext.kernels.__wrapped__() is not None

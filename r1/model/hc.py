@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from r1.model import cext
 from r1.model.gemm import mm_nt, usable, wgrad
 
 
@@ -115,6 +116,51 @@ def sinkhorn(logits: Tensor, iters: int = 20, dims: tuple[int, int] = (-2, -1)) 
     return _Sinkhorn.apply(logits, iters, i % logits.dim(), j % logits.dim())
 
 
+SINKHORN_ITERS = 20
+
+
+class _Maps(torch.autograd.Function):
+    """Logits z [2n + n^2, N] (tokens last) -> (H_pre [N, n], H_post [N, n], H_res [N, n, n]) tokens first, in C
+    (r1/model/hc_kernels.c: hc_maps, hc_maps_bwd): mHC's sigmoid, 2 sigmoid and Sinkhorn (`iters`, with the
+    rounding and the implicit backward of _Sinkhorn), or HC's logits as they are (iters = 0). The same maps as the
+    torch path in HyperConnection.weights to fp32 rounding (tests/test_hc.py). Why: the torch path is ~100
+    dispatches on [n, n, N] tensors a sub-block, forward + backward ~4 ms on the 2-core CPU; this is one pass."""
+
+    @staticmethod
+    def forward(ctx: object, z_MN: Tensor, n: int, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+        N = z_MN.shape[1]
+        pre, post, res = z_MN.new_empty(N, n), z_MN.new_empty(N, n), z_MN.new_empty(N, n, n)
+        cext.call("hc_maps", [z_MN, pre, post, res], N, n, iters)
+        ctx.save_for_backward(pre, post, res)
+        ctx.iters = iters
+        return pre, post, res
+
+    @staticmethod
+    def backward(ctx: object, g_pre: Tensor | None, g_post: Tensor | None,
+                 g_res: Tensor | None) -> tuple[Tensor, None, None]:
+        pre, post, res = ctx.saved_tensors
+        N, n = pre.shape
+        g_pre, g_post, g_res = (torch.zeros_like(t) if g is None else g.contiguous()
+                                for g, t in ((g_pre, pre), (g_post, post), (g_res, res)))
+        dz = pre.new_empty(2 * n + n * n, N)
+        cext.call("hc_maps_bwd", [pre, post, res, g_pre, g_post, g_res, dz], N, n, ctx.iters)
+        return dz, None, None
+
+
+class _Link:
+    """The handoff between one HyperConnection call's two Functions in the backward, so that dx is written once.
+    x feeds both: _NormProject (-> H) and _ReadAndMix (H_pre x, H_res x). _ReadAndMix's backward always runs
+    first (H's gradient comes out of it), and on the C path it leaves dx to _NormProject: it stores what the
+    mixing's terms need here and returns no dx; _NormProject's backward then forms the whole
+        dx = g_p^T W^T  (its GEMM's output)  += H_res^T g_r + H_pre g_h - x (r^3 / X) sum_m (g p)
+    in one C pass, instead of three more passes (the mixing's own dx buffer, the norm's term, autograd's sum)."""
+
+    __slots__ = ("mix",)
+
+    def __init__(self) -> None:
+        self.mix: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (H_pre, H_res, g_h, g_r)
+
+
 class _NormProject(torch.autograd.Function):
     """RMSNorm(x) W without the normalised copy of x, transposed (tokens last):
         dyn [m, N] = (x W)^T r,   r_t = rsqrt(mean(x_t^2) + eps),   x viewed as x_NX, X = W's rows
@@ -122,70 +168,102 @@ class _NormProject(torch.autograd.Function):
         g_p = g r,   dx = g_p^T W^T - x (r^3 / X) sum_m (g p),   dW = x^T g_p^T
     (autograd through vector_norm, rsqrt and the product makes 3 more passes over the n-times-wide x_NX
     and a second dx to add). x comes in its own shape and dx goes back in it: the GEMM's output, viewed.
-    _ReadAndMix's dx (a plain tensor, computed first) is what autograd adds it into, in place."""
+    With a _Link that holds the mixing's gradients, the mixing's dx terms go into the same buffer (C kernel);
+    otherwise _ReadAndMix's dx (a plain tensor, computed first) is what autograd adds it into, in place."""
 
     @staticmethod
-    def forward(ctx: object, x: Tensor, w_XM: Tensor, eps: float) -> Tensor:
+    def forward(ctx: object, x: Tensor, w_XM: Tensor, eps: float, link: _Link | None = None) -> Tensor:
         x_NX = x.reshape(-1, w_XM.shape[0])
         # vector_norm is one fused reduction; vecdot and x.pow(2).sum() write an [N, X] temporary
         r_N = torch.linalg.vector_norm(x_NX, dim=-1).square_().div_(x_NX.shape[-1]).add_(eps).rsqrt_()
         p_MN = mm_nt(w_XM.T, x_NX)  # W^T x^T: tokens last as returned, and ~2x x W on oneDNN (24 rows)
         ctx.save_for_backward(x, w_XM, r_N, p_MN)
+        ctx.link = link
         return p_MN * r_N
 
     @staticmethod
-    def backward(ctx: object, g_MN: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: object, g_MN: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, w_XM, r_N, p_MN = ctx.saved_tensors
         x_NX = x.reshape(-1, w_XM.shape[0])
         gp_MN = g_MN * r_N
         coef_N = torch.linalg.vecdot(g_MN, p_MN, dim=0).mul_(r_N.pow(3)).div_(-x_NX.shape[-1])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            # the GEMM, then the norm's term in place (addmm(x * coef, ...) would write x * coef and copy it)
+        mix, dx = (ctx.link.mix if ctx.link is not None else None), None
+        if ctx.needs_input_grad[0] or mix is not None:
             dx_NX = mm_nt(gp_MN.T, w_XM) if usable(gp_MN, w_XM) else torch.mm(gp_MN.T, w_XM.T)
-            dx = dx_NX.addcmul_(x_NX, coef_N.unsqueeze(-1)).view(x.shape)
+            if mix is not None:  # the mixing's terms and the norm's, one pass (see _Link)
+                ctx.link.mix = None
+                N, n, D = x_NX.shape[0], mix[0].shape[-1], x.shape[-1]
+                cext.call("hc_mix_bwd_into", [x, *mix, coef_N.contiguous(), dx_NX], N, n, D)
+            else:  # the norm's term in place (addmm(x * coef, ...) would write x * coef and copy it)
+                dx_NX.addcmul_(x_NX, coef_N.unsqueeze(-1))
+            dx = dx_NX.view(x.shape)
         dw = wgrad(gp_MN.T, x_NX).T if ctx.needs_input_grad[1] else None  # oneDNN: ~2x MKL for this shape
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 class _ReadAndMix(torch.autograd.Function):
-    """(x [N, n, D], H_pre [N, n], H_res [N, n, n]) -> (H_pre x [N, D], H_res x [N, n, D]), two bmms, and a
-    backward of four with the H_pre term added into dx in place: the passes over the n-times-wider stream
-    tensor are what HC costs on CPU. (One bmm with [H_pre; H_res] writes an [N, n + 1, D] tensor whose
-    slices the consumers copy out, and its backward must assemble the gradient the same way.)"""
+    """(x [N, n, D], H_pre [N, n], H_res [N, n, n]) -> (H_pre x [N, D], H_res x [N, n, D]), and a backward with
+    the H_pre term in dx: the passes over the n-times-wider stream tensor are what HC costs on CPU. fp32 CPU
+    tensors run the fused C kernels (r1/model/hc_kernels.c: one pass each way, several times torch's bmms of N
+    tiny matrices), and with a _Link the backward leaves dx to _NormProject; anything else runs two bmms forward
+    and four backward."""
 
     @staticmethod
-    def forward(ctx: object, x_BTnD: Tensor, pre: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: object, x_BTnD: Tensor, pre: Tensor, res: Tensor,
+                link: _Link | None = None) -> tuple[Tensor, Tensor]:
         x = x_BTnD.reshape(-1, *x_BTnD.shape[-2:])  # inside: see _NormProject on views of gradients
         ctx.save_for_backward(x, pre, res)
-        ctx.shape = x_BTnD.shape
+        ctx.shape, ctx.link = x_BTnD.shape, link
+        N, n, D = x.shape
+        if cext.fits(n, x, pre, res):
+            h, xr = x.new_empty(N, D), torch.empty_like(x)
+            cext.call("hc_mix", [x, pre, res, h, xr], N, n, D)
+            return h, xr
         return torch.bmm(pre.unsqueeze(-2), x).squeeze(-2), torch.bmm(res, x)
 
     @staticmethod
-    def backward(ctx: object, g_h: Tensor | None, g_r: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(ctx: object, g_h: Tensor | None, g_r: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor, None]:
         x, pre, res = ctx.saved_tensors
-        g_h = x.new_zeros(x.shape[0], x.shape[2]) if g_h is None else g_h
-        g_r = torch.zeros_like(x) if g_r is None else g_r
+        N, n, D = x.shape
+        g_h = x.new_zeros(N, D) if g_h is None else g_h.contiguous()
+        g_r = torch.zeros_like(x) if g_r is None else g_r.contiguous()
+        if cext.fits(n, x, pre, res, g_h, g_r):
+            dpre, dres = pre.new_empty(N, n), res.new_empty(N, n, n)
+            if ctx.link is not None and ctx.needs_input_grad[0]:
+                cext.call("hc_mix_dots", [x, g_h, g_r, dpre, dres], N, n, D)
+                ctx.link.mix = (pre, res, g_h, g_r)
+                return None, dpre, dres, None
+            dx = x.new_empty(ctx.shape)  # not a view of x's shape: see _NormProject
+            cext.call("hc_mix_bwd", [x, pre, res, g_h, g_r, dx, dpre, dres], N, n, D)
+            return dx, dpre, dres, None
+        dx = x.new_empty(ctx.shape)
         g_h = g_h.unsqueeze(-2)  # [N, 1, D]
-        dx = x.new_empty(ctx.shape)  # not a view of x's shape: see _NormProject
         torch.bmm(res.transpose(1, 2), g_r, out=dx.view(x.shape)).baddbmm_(pre.unsqueeze(-1), g_h)
         x_t = x.transpose(1, 2)
-        return dx, torch.bmm(g_h, x_t).squeeze(-2), torch.bmm(g_r, x_t)
+        return dx, torch.bmm(g_h, x_t).squeeze(-2), torch.bmm(g_r, x_t), None
 
 
 class _WriteBack(torch.autograd.Function):
     """x_next = xr + H_post^T y (xr [N, n, D], H_post [N, n], y [N, D]), added into xr in place; the
-    backward passes the gradient through to xr as it is."""
+    backward passes the gradient through to xr as it is (C kernels for fp32 CPU tensors, as _ReadAndMix)."""
 
     @staticmethod
     def forward(ctx: object, xr: Tensor, post: Tensor, y: Tensor) -> Tensor:
         ctx.mark_dirty(xr)
         ctx.save_for_backward(post, y)
+        if cext.fits(xr.shape[1], xr, post, y):
+            cext.call("hc_write", [xr, post, y], *xr.shape)
+            return xr
         return xr.baddbmm_(post.unsqueeze(-1), y.unsqueeze(-2))
 
     @staticmethod
     def backward(ctx: object, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         post, y = ctx.saved_tensors
+        if cext.fits(g.shape[1], post, y):
+            g = g.contiguous()  # (an expanded gradient, from a sum, is not)
+            dpost, dy = torch.empty_like(post), torch.empty_like(y)
+            cext.call("hc_write_bwd", [g, post, y, dpost, dy], *g.shape)
+            return g, dpost, dy
         # dH_post = y^T g^T as a row vector: bmm's matrix-vector form g y ran 8x slower ([1024, 4, 256]: 393 vs
         # 47 us); vecdot writes g * y, a fresh [N, n, D] temporary (81 us)
         return g, torch.bmm(y.unsqueeze(-2), g.transpose(1, 2)).squeeze(-2), \
@@ -234,33 +312,42 @@ class HyperConnection(nn.Module):
             self.b_pre.copy_(F.one_hot(torch.tensor(self.index % n), n).float())
             self.b_post.fill_(1.0)
 
-    def weights(self, x_BTnD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def weights(self, x_BTnD: Tensor, link: _Link | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(H_pre [..., n], H_post [..., n], H_res [..., n, n]) in fp32 for x [..., n, D]."""
         n, lead = self.n, x_BTnD.shape[:-2]
         # RMSNorm(x) phi = rsqrt(mean(x^2) + eps) * (x (w * phi)): no normalised [N, n D] copy of x.
         # Computed transposed, tokens last ([2n + n^2, N]): the n-sums of Sinkhorn then add contiguous
         # N-vectors, ~3x faster than reducing rows of 4.
-        dyn = _NormProject.apply(x_BTnD.float(), (self.norm_weight.unsqueeze(-1) * self.phi).float(), self.eps)
+        dyn = _NormProject.apply(x_BTnD.float(), (self.norm_weight.unsqueeze(-1) * self.phi).float(), self.eps, link)
         if self.mode == "hc":
             dyn = dyn.tanh()
+        if cext.fits(n, dyn):  # z = b + alpha dyn, then the maps in one C pass
+            b = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()]).float()
+            a = self.alpha.float().repeat_interleave(torch.tensor([n, n, n * n]), output_size=dyn.shape[0])
+            pre, post, res = _Maps.apply(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), dyn), n,
+                                         SINKHORN_ITERS if self.mode == "mhc" else 0)
+            return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
         pre = self.b_pre.unsqueeze(-1) + self.alpha[0] * dyn[:n]
         post = self.b_post.unsqueeze(-1) + self.alpha[1] * dyn[n:2 * n]
         res = self.b_res.unsqueeze(-1) + self.alpha[2] * dyn[2 * n:].view(n, n, -1)
         if self.mode == "mhc":
-            pre, post, res = pre.sigmoid(), 2 * post.sigmoid(), sinkhorn(res, dims=(0, 1))
+            pre, post, res = pre.sigmoid(), 2 * post.sigmoid(), sinkhorn(res, SINKHORN_ITERS, dims=(0, 1))
         # back to tokens first, contiguous: bmm on a token-strided batch falls back to a per-token loop
         pre, post, res = pre.T.contiguous(), post.T.contiguous(), res.permute(2, 0, 1).contiguous()
         return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
 
     def forward(self, x_BTnD: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """x_BTnD -> (H_res x + H_post^T fn(H_pre x), fn's aux output)."""
-        pre, post, res = self.weights(x_BTnD)
+        # the backward's shared dx (_Link) where both Functions see this very tensor: fp32 (no .float() copy), and
+        # contiguous (no reshape copy)
+        link = _Link() if x_BTnD.dtype == torch.float32 and x_BTnD.is_contiguous() else None
+        pre, post, res = self.weights(x_BTnD, link)
         with torch.no_grad():
             self.last_pre = pre.reshape(-1, self.n).mean(0)
             self.last_post = post.reshape(-1, self.n).mean(0)
             self.last_res = res.reshape(-1, self.n, self.n).mean(0)
         dt, shape = x_BTnD.dtype, x_BTnD.shape
-        h, xr = _ReadAndMix.apply(x_BTnD, pre.to(dt).reshape(-1, self.n), res.to(dt).reshape(-1, self.n, self.n))
+        h, xr = _ReadAndMix.apply(x_BTnD, pre.to(dt).reshape(-1, self.n), res.to(dt).reshape(-1, self.n, self.n), link)
         y_BTD, aux = fn(h.view(*shape[:-2], shape[-1]))
         x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, self.n), y_BTD.reshape(-1, shape[-1]))
         return x_next.view(shape), aux

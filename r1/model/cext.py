@@ -1,0 +1,87 @@
+"""Build and load r1's small C kernels (r1/model/hc_kernels.c) with the system C compiler, through ctypes.
+
+Why C and ctypes: the kernels are plain loops over fp32 arrays (no torch headers), so `cc -O3 -march=native
+-fopenmp -shared` builds them in well under a second on first use (a torch C++ extension takes a minute), and
+ctypes releases the GIL for the call. The library links libgomp.so.1, the soname of the OpenMP runtime torch
+ships and has already loaded, so the kernels share torch's thread pool and honour torch.set_num_threads.
+
+The built library is cached under $R1_CACHE (default ~/.cache/r1), keyed by the source, the flags and the
+CPU's instruction-set flags (-march=native), written to a temporary name and renamed, so concurrent ranks
+never load a half-written file. No compiler, or a failed build: `kernels()` returns None once, with a warning
+naming the reason, and callers keep their torch paths (`R1_NO_CEXT=1` asks for that on purpose).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("hc_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# name -> number of tensor arguments; every kernel ends with three longs: (N, n, D), or (N, n, iters) for the maps
+MAX_STREAMS = 16  # the kernels' stack arrays (MAX_N, MAX_SQ in hc_kernels.c) hold this many streams
+SIGNATURES = {"hc_mix": 5, "hc_write": 3, "hc_write_bwd": 5, "hc_mix_bwd": 8, "hc_mix_dots": 5,
+              "hc_mix_bwd_into": 7, "hc_maps": 4, "hc_maps_bwd": 7}
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+@cache
+def kernels() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (no C compiler, a failed build, R1_NO_CEXT=1, not Linux/x86)."""
+    if os.environ.get("R1_NO_CEXT") == "1":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        warnings.warn("r1: no C compiler (cc/gcc) found: the HC stream mixing runs on torch ops (slower)", stacklevel=2)
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = Path(os.environ.get("R1_CACHE", Path.home() / ".cache" / "r1")) / f"hc_kernels-{key}.so"
+    if not out.exists():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                tmp_so = Path(tmp) / out.name
+                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_so)], check=True, capture_output=True,
+                               text=True, timeout=120)
+                os.replace(tmp_so, out)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            warnings.warn(f"r1: building {SOURCE.name} failed ({detail.strip()[:300]}): the HC stream mixing runs "
+                          "on torch ops (slower)", stacklevel=2)
+            return None
+    lib = ctypes.CDLL(str(out))
+    for name, n_tensors in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * n_tensors + [ctypes.c_long] * 3
+        fn.restype = None
+    return lib
+
+
+def fits(n: int, *ts: Tensor) -> bool:
+    """True where the kernels apply: n streams at most MAX_STREAMS, every tensor fp32, contiguous, on the CPU,
+    and the library loaded."""
+    return n <= MAX_STREAMS and \
+        all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts) and \
+        kernels() is not None
+
+
+def call(name: str, tensors: list[Tensor], N: int, n: int, k: int) -> None:
+    """Run kernel `name` on the tensors' storage (each checked by `fits` beforehand); k is D or iters."""
+    getattr(kernels(), name)(*(t.data_ptr() for t in tensors), N, n, k)
