@@ -197,7 +197,7 @@ void hc_mix_bwd_into(const float *restrict x, const float *restrict pre, const f
 
 INLINE float sigmoidf_(float v) { return 1.0f / (1.0f + __builtin_expf(-v)); }
 
-static void sinkhorn_token(float *k, const long n, const long iters) {
+INLINE void sinkhorn_token(float *k, const long n, const long iters) {
   /* k [n, n] row-major (i: row, j: column). The first step in the log domain: log_softmax over j, softmax over i */
   for (long i = 0; i < n; i++) {
     float mx = k[i * n];
@@ -258,24 +258,29 @@ static void sinkhorn_token(float *k, const long n, const long iters) {
     for (long j = 0; j < n; j++) k[i * n + j] += r[i] * c[j] / rs;
 }
 
+INLINE void maps_token(const float *restrict z, float *restrict pre, float *restrict post, float *restrict res,
+                       const long t, const long N, const long n, const long iters) {
+  float k[MAX_SQ];
+  for (long i = 0; i < n; i++) {
+    const float a = z[i * N + t], b = z[(n + i) * N + t];
+    pre[t * n + i] = iters ? sigmoidf_(a) : a;
+    post[t * n + i] = iters ? 2.0f * sigmoidf_(b) : b;
+  }
+  for (long q = 0; q < n * n; q++) k[q] = z[(2 * n + q) * N + t];
+  if (iters) sinkhorn_token(k, n, iters);
+  for (long q = 0; q < n * n; q++) res[t * n * n + q] = k[q];
+}
+
 void hc_maps(const float *restrict z, float *restrict pre, float *restrict post, float *restrict res, long N, long n,
              long iters) {
-#pragma omp parallel for schedule(static)
-  for (long t = 0; t < N; t++) {
-    float k[MAX_SQ];
-    for (long i = 0; i < n; i++) {
-      const float a = z[i * N + t], b = z[(n + i) * N + t];
-      pre[t * n + i] = iters ? sigmoidf_(a) : a;
-      post[t * n + i] = iters ? 2.0f * sigmoidf_(b) : b;
-    }
-    for (long q = 0; q < n * n; q++) k[q] = z[(2 * n + q) * N + t];
-    if (iters) sinkhorn_token(k, n, iters);
-    for (long q = 0; q < n * n; q++) res[t * n * n + q] = k[q];
-  }
+#define BODY(NN) \
+  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++) maps_token(z, pre, post, res, t, N, NN, iters)
+  DISPATCH_N(BODY) /* n constant: the n x n matrix lives in registers, the loops unroll */
+#undef BODY
 }
 
 /* Solve A x = b in place (A [n, n] row-major, overwritten), Gaussian elimination with partial pivoting. */
-static void solve_small(float *A, float *b, const long n) {
+INLINE void solve_small(float *A, float *b, const long n) {
   for (long c = 0; c < n; c++) {
     long p = c;
     for (long i = c + 1; i < n; i++) p = __builtin_fabsf(A[i * n + c]) > __builtin_fabsf(A[p * n + c]) ? i : p;
@@ -305,45 +310,52 @@ static void solve_small(float *A, float *b, const long n) {
    mHC's Sinkhorn: the implicit-function gradient of the exact projection, as r1.model.hc._Sinkhorn.backward:
      r, c = row, column sums of P * G;  (I - P^T P + 1 1^T + ridge) beta = c - P^T r;  alpha = r - P beta
      dz = P * (G - alpha 1^T - 1 beta^T)                                                                     */
+INLINE void maps_bwd_token(const float *restrict pre, const float *restrict post, const float *restrict res,
+                           const float *restrict gpre, const float *restrict gpost, const float *restrict gres,
+                           float *restrict dz, const long t, const long N, const long n, const long iters) {
+  const float ridge = 10.0f * 1.1920929e-07f; /* 10 fp32 eps, as in torch */
+  for (long i = 0; i < n; i++) {
+    const float s = pre[t * n + i], h = 0.5f * post[t * n + i];
+    dz[i * N + t] = iters ? gpre[t * n + i] * s * (1.0f - s) : gpre[t * n + i];
+    dz[(n + i) * N + t] = iters ? gpost[t * n + i] * 2.0f * h * (1.0f - h) : gpost[t * n + i];
+  }
+  const float *P = res + t * n * n, *G = gres + t * n * n;
+  if (!iters) {
+    for (long q = 0; q < n * n; q++) dz[(2 * n + q) * N + t] = G[q];
+    return;
+  }
+  float r[MAX_N], c[MAX_N], A[MAX_SQ], beta[MAX_N];
+  for (long i = 0; i < n; i++) r[i] = 0.0f;
+  for (long j = 0; j < n; j++) c[j] = 0.0f;
+  for (long i = 0; i < n; i++)
+    for (long j = 0; j < n; j++) {
+      const float pg = P[i * n + j] * G[i * n + j];
+      r[i] += pg, c[j] += pg;
+    }
+  for (long a = 0; a < n; a++) {
+    float s = c[a];
+    for (long i = 0; i < n; i++) s -= P[i * n + a] * r[i];
+    beta[a] = s;
+    for (long b = 0; b < n; b++) {
+      float pp = 0.0f;
+      for (long i = 0; i < n; i++) pp += P[i * n + a] * P[i * n + b];
+      A[a * n + b] = 1.0f - pp + (a == b ? 1.0f + ridge : 0.0f);
+    }
+  }
+  solve_small(A, beta, n);
+  for (long i = 0; i < n; i++) {
+    float al = r[i];
+    for (long j = 0; j < n; j++) al -= P[i * n + j] * beta[j];
+    for (long j = 0; j < n; j++) dz[(2 * n + i * n + j) * N + t] = P[i * n + j] * (G[i * n + j] - al - beta[j]);
+  }
+}
+
 void hc_maps_bwd(const float *restrict pre, const float *restrict post, const float *restrict res,
                  const float *restrict gpre, const float *restrict gpost, const float *restrict gres,
                  float *restrict dz, long N, long n, long iters) {
-  const float ridge = 10.0f * 1.1920929e-07f; /* 10 fp32 eps, as in torch */
-#pragma omp parallel for schedule(static)
-  for (long t = 0; t < N; t++) {
-    for (long i = 0; i < n; i++) {
-      const float s = pre[t * n + i], h = 0.5f * post[t * n + i];
-      dz[i * N + t] = iters ? gpre[t * n + i] * s * (1.0f - s) : gpre[t * n + i];
-      dz[(n + i) * N + t] = iters ? gpost[t * n + i] * 2.0f * h * (1.0f - h) : gpost[t * n + i];
-    }
-    const float *P = res + t * n * n, *G = gres + t * n * n;
-    if (!iters) {
-      for (long q = 0; q < n * n; q++) dz[(2 * n + q) * N + t] = G[q];
-      continue;
-    }
-    float r[MAX_N], c[MAX_N], A[MAX_SQ], beta[MAX_N];
-    for (long i = 0; i < n; i++) r[i] = 0.0f;
-    for (long j = 0; j < n; j++) c[j] = 0.0f;
-    for (long i = 0; i < n; i++)
-      for (long j = 0; j < n; j++) {
-        const float pg = P[i * n + j] * G[i * n + j];
-        r[i] += pg, c[j] += pg;
-      }
-    for (long a = 0; a < n; a++) {
-      float s = c[a];
-      for (long i = 0; i < n; i++) s -= P[i * n + a] * r[i];
-      beta[a] = s;
-      for (long b = 0; b < n; b++) {
-        float pp = 0.0f;
-        for (long i = 0; i < n; i++) pp += P[i * n + a] * P[i * n + b];
-        A[a * n + b] = 1.0f - pp + (a == b ? 1.0f + ridge : 0.0f);
-      }
-    }
-    solve_small(A, beta, n);
-    for (long i = 0; i < n; i++) {
-      float al = r[i];
-      for (long j = 0; j < n; j++) al -= P[i * n + j] * beta[j];
-      for (long j = 0; j < n; j++) dz[(2 * n + i * n + j) * N + t] = P[i * n + j] * (G[i * n + j] - al - beta[j]);
-    }
-  }
+#define BODY(NN)                                                                 \
+  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++)      \
+      maps_bwd_token(pre, post, res, gpre, gpost, gres, dz, t, N, NN, iters)
+  DISPATCH_N(BODY)
+#undef BODY
 }
