@@ -27,20 +27,23 @@ Every sum runs in a fixed order, so results do not depend on the thread count.
     default: body(n); break; \
   }
 
-/* h = pre x, xr = res x:  h[t] = sum_i pre[t,i] x[t,i];  xr[t,j] = sum_i res[t,j,i] x[t,i] */
-INLINE void mix_token(const float *restrict xt, const float *restrict p, const float *restrict r,
-                      float *restrict ht, float *restrict xo, const long n, const long D) {
+/* o[d] = sum_i w[i] rows[i][d] for n rows of D floats (the rows in L1; with n constant each row element is loaded
+   once per D-vector) */
+INLINE void weighted_sum(float *restrict o, const float *restrict w, const float *restrict rows, const long n,
+                         const long D) {
 #pragma omp simd
   for (long d = 0; d < D; d++) {
     float a = 0.0f;
-    for (long i = 0; i < n; i++) a += p[i] * xt[i * D + d];
-    ht[d] = a;
-    for (long j = 0; j < n; j++) {
-      float b = 0.0f;
-      for (long i = 0; i < n; i++) b += r[j * n + i] * xt[i * D + d];
-      xo[j * D + d] = b;
-    }
+    for (long i = 0; i < n; i++) a += w[i] * rows[i * D + d];
+    o[d] = a;
   }
+}
+
+/* h = pre x, xr = res x:  h[t] = sum_i pre[t,i] x[t,i];  xr[t,j] = sum_i res[t,j,i] x[t,i] */
+INLINE void mix_token(const float *restrict xt, const float *restrict p, const float *restrict r,
+                      float *restrict ht, float *restrict xo, const long n, const long D) {
+  weighted_sum(ht, p, xt, n, D);
+  for (long j = 0; j < n; j++) weighted_sum(xo + j * D, r + j * n, xt, n, D);
 }
 
 void hc_mix(const float *restrict x, const float *restrict pre, const float *restrict res, float *restrict h,
@@ -100,12 +103,7 @@ INLINE void dots(const float *const *a, long m, const float *restrict b, float *
 /* the write-back's backward, one read of g: dpost[t,i] = <g[t,i], y[t]>;  dy[t] = sum_i post[t,i] g[t,i] */
 INLINE void write_bwd_token(const float *restrict gt, const float *restrict p, const float *restrict yt,
                             float *restrict dp, float *restrict dyt, const long n, const long D) {
-#pragma omp simd
-  for (long d = 0; d < D; d++) {
-    float s = 0.0f;
-    for (long i = 0; i < n; i++) s += p[i] * gt[i * D + d];
-    dyt[d] = s;
-  }
+  weighted_sum(dyt, p, gt, n, D);
   const float *rows[MAX_N];
   for (long i = 0; i < n; i++) rows[i] = gt + i * D;
   dots(rows, n, yt, dp, D); /* rows still in L1 */
