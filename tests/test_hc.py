@@ -4,6 +4,7 @@ the gain metrics and the HF round trip."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +388,10 @@ def test_the_build_is_cached_and_reused(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("hc_kernels-*.so"))) == 1
     monkeypatch.setattr(cext.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt although cached"))
     assert cext.kernels.__wrapped__() is not None
+
+
+def test_an_unloadable_cache_file_warns_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("R1_CACHE", str(tmp_path))
+    monkeypatch.setattr(cext.subprocess, "run", lambda cmd, **k: Path(cmd[-1]).write_bytes(b"not a library"))
+    with pytest.warns(UserWarning, match="loading .* failed"):
+        assert cext.kernels.__wrapped__() is None

@@ -43,7 +43,7 @@ def _cpu_flags() -> str:
 
 @cache
 def kernels() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (no C compiler, a failed build, R1_NO_CEXT=1, not Linux/x86)."""
+    """The loaded kernel library, or None (R1_NO_CEXT=1, no C compiler, a failed build or load)."""
     if os.environ.get("R1_NO_CEXT") == "1":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -66,7 +66,11 @@ def kernels() -> ctypes.CDLL | None:
             warnings.warn(f"r1: building {SOURCE.name} failed ({detail.strip()[:300]}): the HC stream mixing runs "
                           "on torch ops (slower)", stacklevel=2)
             return None
-    lib = ctypes.CDLL(str(out))
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:  # e.g. a cache file from another toolchain
+        warnings.warn(f"r1: loading {out} failed ({e}): the HC stream mixing runs on torch ops (slower)", stacklevel=2)
+        return None
     for name, n_tensors in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * n_tensors + [ctypes.c_long] * 3
