@@ -395,3 +395,24 @@ def test_an_unloadable_cache_file_warns_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(cext.subprocess, "run", lambda cmd, **k: Path(cmd[-1]).write_bytes(b"not a library"))
     with pytest.warns(UserWarning, match="loading .* failed"):
         assert cext.kernels.__wrapped__() is None
+
+
+@needs_cext
+def test_c_mixing_without_a_link_matches_the_torch_path(monkeypatch):
+    """_ReadAndMix on its own (no _Link: the C backward forms dx itself, hc_mix_bwd) against its bmm path."""
+    from r1.model.hc import _ReadAndMix
+
+    torch.manual_seed(5)
+    x, pre, res = torch.randn(50, 4, 64), torch.rand(50, 4), torch.rand(50, 4, 4)
+    g_h, g_r = torch.randn(50, 64), torch.randn(50, 4, 64)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, pre, res)]
+        h, xr = _ReadAndMix.apply(*leaves)
+        torch.autograd.backward([h, xr], [g_h, g_r])
+        return [h.detach(), xr.detach(), *(t.grad for t in leaves)]
+
+    c = run()
+    monkeypatch.setattr(cext, "fits", lambda *a: False)
+    for a, b in zip(c, run(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
