@@ -92,7 +92,10 @@ class _Sinkhorn(torch.autograd.Function):
         return d.movedim((-2, -1), (i, j)).to(g.dtype), None, None, None
 
 
-def sinkhorn(logits: Tensor, iters: int = 20, dims: tuple[int, int] = (-2, -1)) -> Tensor:
+SINKHORN_ITERS = 20  # mHC's H_res: the torch path (sinkhorn) and the C one (_Maps) alike
+
+
+def sinkhorn(logits: Tensor, iters: int = SINKHORN_ITERS, dims: tuple[int, int] = (-2, -1)) -> Tensor:
     """The doubly stochastic matrix P = Sinkhorn-Knopp(exp(logits)) over the matrix dims (i, j) = dims;
     fp32 (fp64 stays fp64), differentiable (implicitly: _Sinkhorn). Rows (sum over j) and columns (sum
     over i) of P sum to 1 to fp32 rounding for any finite logits, P >= 0.
@@ -114,9 +117,6 @@ def sinkhorn(logits: Tensor, iters: int = 20, dims: tuple[int, int] = (-2, -1)) 
     """
     i, j = dims
     return _Sinkhorn.apply(logits, iters, i % logits.dim(), j % logits.dim())
-
-
-SINKHORN_ITERS = 20
 
 
 class _Maps(torch.autograd.Function):
@@ -323,7 +323,8 @@ class HyperConnection(nn.Module):
             dyn = dyn.tanh()
         if cext.fits(n, dyn):  # z = b + alpha dyn, then the maps in one C pass
             b = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()]).float()
-            a = self.alpha.float().repeat_interleave(torch.tensor([n, n, n * n]), output_size=dyn.shape[0])
+            # alpha per row of z (pre, post, res): views and one cat, no index tensor built per call
+            a = torch.cat([self.alpha[:1].expand(n), self.alpha[1:2].expand(n), self.alpha[2:].expand(n * n)]).float()
             pre, post, res = _Maps.apply(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), dyn), n,
                                          SINKHORN_ITERS if self.mode == "mhc" else 0)
             return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
