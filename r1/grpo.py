@@ -11,6 +11,7 @@ secretly brings you off-policy RL training", 2025).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -72,6 +73,24 @@ def groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
     """
     rewards_NG = rewards.reshape(-1, group_size)
     return (rewards_NG != rewards_NG[:, :1]).any(dim=1)
+
+
+def refill_prompts(need: int, keep_rate: float, refills: int) -> int:
+    """Prompts for one refill call that stands in for `refills` sequential ones.
+
+    Sequential refills draw need, then need (1-k), need (1-k)^2, ... prompts (what is still missing), k the
+    fraction of groups with signal; in expectation R of them draw and keep
+
+        prompts = need (1 - (1-k)^R) / k        (need R when k = 0),    groups kept = k prompts.
+
+    One call of that size keeps as many groups in expectation with one generation instead of R: a batched
+    decode's fixed cost per call (prefill, a step per token) dominates a small refill. k is measured on the
+    step's first attempt; the trainer keeps at most `need` of the refill's groups.
+    """
+    if need <= 0:
+        return 0
+    k = min(max(keep_rate, 0.0), 1.0)
+    return math.ceil(need * (refills if k == 0 else (1 - (1 - k) ** refills) / k) - 1e-9)  # (rounding: R = 1 is need)
 
 
 # ---------------------------------------------------------------------------------------------------------

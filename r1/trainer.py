@@ -68,7 +68,7 @@ class TrainConfig:
     micro_batch: int = 32
     shared_prefix: bool = True  # native model: a micro-batch's distinct prompts run once each (not under FSDP)
     dynamic_sampling: bool = True
-    max_refills: int = 2
+    max_refills: int = 2  # refill budget, spent in one generate call sized by grpo.refill_prompts
     ref_reset_every: int = 0  # 0 = never
     tis_cap: float = 2.0  # truncated importance sampling against the engine's log-probs (0 = off)
     bias_update: bool = True  # auxiliary-loss-free balancing during RL
@@ -268,19 +268,23 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     last: dict[str, float] = {}
     for step in bar:
         t0 = time.perf_counter()
-        # ---- rollouts (+ dynamic sampling: drop groups whose rewards are all equal, refill). Every rank takes
-        # `need` rows from its own slot of the global cursor; all ranks make the same number of attempts.
+        # ---- rollouts (+ dynamic sampling: drop groups whose rewards are all equal, refill once). Every rank takes
+        # `draw` rows from its own slot (the largest draw) of the global cursor; all make the same number of attempts.
         kept: list[tuple[list[int], Any]] = []
         kept_rewards: list[float] = []
         spare: tuple[list[int], Any] | None = None  # padding when this rank kept fewer sequences than another
-        n_gen = n_groups = n_kept_groups = 0
+        n_gen = n_groups = n_signal = 0
         t_roll = t_rew = 0.0
-        for attempt in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
+        refills = cfg.max_refills if cfg.dynamic_sampling else 0
+        keep_rate = 0.0
+        for attempt in range(1 + min(1, refills)):  # the refills are one call (grpo.refill_prompts)
             need = per_rank - len(kept) // G
-            if dist.all_reduce(torch.tensor(need, device=dist.device), "max").item() <= 0:
+            draw = need if attempt == 0 else grpo.refill_prompts(need, keep_rate, refills)
+            slot = int(dist.all_reduce(torch.tensor(draw, device=dist.device), "max").item())
+            if slot <= 0:
                 break
-            batch = [rows[order[(cursor + dist.rank * per_rank + i) % len(order)]] for i in range(need)]
-            cursor += cfg.prompts_per_step
+            batch = [rows[order[(cursor + dist.rank * slot + i) % len(order)]] for i in range(draw)]
+            cursor += slot * dist.world
             if not batch:
                 continue
             prompts = encode_prompts(tok, [render(cfg.template, r[cfg.prompt_key]) for r in batch])
@@ -296,16 +300,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             keep = grpo.groups_with_signal(torch.tensor(rewards), G) if cfg.dynamic_sampling \
                 else torch.ones(len(batch), dtype=torch.bool)
             n_groups += len(batch)
+            keep_rate = float(keep.float().mean())
+            n_signal += int(keep.sum())
             spare = spare or (prompts[0], rolls[0])
-            for g in keep.nonzero().flatten().tolist():
-                n_kept_groups += 1
+            for g in keep.nonzero().flatten().tolist()[:need]:  # a refill's surplus groups are dropped
                 kept += [(prompts[g], rolls[j]) for j in range(g * G, (g + 1) * G)]
                 kept_rewards += rewards[g * G:(g + 1) * G]
             if attempt == 0:
                 metrics: dict[str, float] = dict(reward_set.metrics())
                 correct = per_reward[cfg.rewards[0]]
                 metrics["accuracy"] = sum((c or 0.0) >= 1.0 for c in correct) / len(correct)
-        metrics["frac_reward_zero_std"] = 1 - n_kept_groups / max(1, n_groups)
+        metrics["frac_reward_zero_std"] = 1 - n_signal / max(1, n_groups)
         t1 = time.perf_counter()
         # ---- advantages and the update; every rank runs the same number of micro-batches
         n_seq = len(kept)

@@ -11,6 +11,7 @@ from r1.grpo import (
     groups_with_signal,
     k3,
     policy_loss,
+    refill_prompts,
     sequence_ratio,
     tis_weights,
 )
@@ -74,6 +75,30 @@ MASK = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
 ADV = torch.tensor([1.0, -2.0])
 OLD = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -2.0]])
 
+
+
+def test_refill_prompts_values():
+    assert refill_prompts(10, 0.5, 2) == 15  # 10 (1 - 0.25) / 0.5
+    assert refill_prompts(10, 0.0, 2) == 20  # nothing kept so far: R refills' worth
+    assert refill_prompts(10, 1.0, 3) == 10
+    assert refill_prompts(10, 0.3, 1) == 10  # one refill draws what is missing, whatever k
+    assert refill_prompts(0, 0.3, 2) == 0
+
+
+def test_refill_prompts_match_sequential_refills_in_expectation():
+    """Simulated sequential refills (each draws what is still missing, keeps each group with probability k)
+    draw, on average, what one batched refill draws."""
+    gen = torch.Generator().manual_seed(0)
+    for need, k, R in ((12, 0.35, 2), (20, 0.6, 3), (7, 0.1, 2)):
+        draws = []
+        for _ in range(4000):
+            missing, drawn = need, 0
+            for _ in range(R):
+                drawn += missing
+                missing -= int((torch.rand(missing, generator=gen) < k).sum())
+            draws.append(drawn)
+        mean = sum(draws) / len(draws)
+        assert abs(refill_prompts(need, k, R) - mean) <= 1.0, (need, k, R, mean)
 
 def _loss(aggregation: str, **kw):
     logp = (OLD + RHO.log()).requires_grad_()

@@ -164,6 +164,52 @@ def test_train_from_recipe_with_overrides(model_dir: Path, tmp_path: Path) -> No
         assert key in m, key
 
 
+def odd_prompts_signal(completions: list[str], prompt: list[str], **_: object) -> list[float]:
+    """A plugin reward with signal exactly in the groups of prompts that start with an odd digit: 0, 1, 0, 1."""
+    return [float(i % 2) if int(p[0]) % 2 else 0.0 for i, p in enumerate(prompt)]
+
+
+def test_dynamic_sampling_refills_in_one_call(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups without signal are dropped and refilled by one generate call of grpo.refill_prompts' size; the
+    refill's surplus groups are not trained on; the data position moves past every prompt drawn."""
+    import random
+
+    import rollouts
+    from r1 import trainer
+    from r1.data import smoke_rl_rows
+    from r1.grpo import refill_prompts
+
+    calls: list[int] = []
+    packed: list[int] = []
+    generate, pack = rollouts.TorchEngine.generate, trainer.pack
+    monkeypatch.setattr(rollouts.TorchEngine, "generate",
+                        lambda self, ids, sp, n=1: calls.append(len(ids)) or generate(self, ids, sp, n))
+    monkeypatch.setattr(trainer, "pack", lambda prompts, *a: packed.append(len(prompts)) or pack(prompts, *a))
+    train(tiny(model_dir, tmp_path / "run", rewards=["test_trainer:odd_prompts_signal"], steps=2,
+               prompts_per_step=8, max_refills=2))
+    rows = smoke_rl_rows(seed=0)
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    odd = [int(rows[i]["prompt"][0]) % 2 for i in order]
+    expected_calls: list[list[int]] = []
+    expected_kept, cursor = [], 0
+    for _ in range(2):
+        signal = sum(odd[cursor:cursor + 8])
+        need, cursor = 8 - signal, cursor + 8
+        expected_calls.append([8])
+        if need:
+            draw = refill_prompts(need, signal / 8, 2)
+            assert draw > need  # the refill oversamples for the groups it will drop
+            expected_calls[-1].append(draw)
+            signal += min(need, sum(odd[cursor:cursor + draw]))
+            cursor += draw
+        expected_kept.append(4 * signal)
+    assert calls == [n for step in expected_calls for n in step]
+    assert packed == expected_kept
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["rollouts"] for x in logged] == [4 * sum(step) for step in expected_calls]
+
+
 # ------------------------------------------------------------------------------------------ data parallel
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_two_process_ddp_and_fsdp2(model_dir: Path, tmp_path: Path) -> None:
