@@ -76,16 +76,16 @@ def groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def refill_prompts(need: int, keep_rate: float, refills: int) -> int:
-    """Prompts for one refill call that stands in for `refills` sequential ones.
+    """Prompts for one generate call that stands in for `refills` sequential rounds of dynamic sampling.
 
-    Sequential refills draw need, then need (1-k), need (1-k)^2, ... prompts (what is still missing), k the
-    fraction of groups with signal; in expectation R of them draw and keep
+    Sequential rounds draw need, then need (1-k), need (1-k)^2, ... prompts (what is still missing), k the
+    fraction of groups with signal; in expectation R rounds draw and keep
 
         prompts = need (1 - (1-k)^R) / k        (need R when k = 0),    groups kept = k prompts.
 
     One call of that size keeps as many groups in expectation with one generation instead of R: a batched
-    decode's fixed cost per call (prefill, a step per token) dominates a small refill. k is measured on the
-    step's first attempt; the trainer keeps at most `need` of the refill's groups.
+    decode's fixed cost per call (prefill, a step per token) dominates a small refill. The trainer takes k
+    from the previous step (rates move slowly) and keeps at most `need` of the call's groups.
     """
     if need <= 0:
         return 0

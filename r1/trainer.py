@@ -68,7 +68,7 @@ class TrainConfig:
     micro_batch: int = 32
     shared_prefix: bool = True  # native model: a micro-batch's distinct prompts run once each (not under FSDP)
     dynamic_sampling: bool = True
-    max_refills: int = 2  # refill budget, spent in one generate call sized by grpo.refill_prompts
+    max_refills: int = 2  # dynamic sampling's budget, drawn up front in one generate call (grpo.refill_prompts)
     ref_reset_every: int = 0  # 0 = never
     tis_cap: float = 2.0  # truncated importance sampling against the engine's log-probs (0 = off)
     bias_update: bool = True  # auxiliary-loss-free balancing during RL
@@ -244,6 +244,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)  # the same order on every rank; each reads its own slice
     start, cursor = 0, 0
+    keep_rate: float | None = None  # dynamic sampling: the fraction of groups with signal in the last step
     ckpt_dir = out_dir / "checkpoints"
     resume_from = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else \
         None if cfg.resume == "none" else Path(cfg.resume)
@@ -251,7 +252,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         state = checkpoint.load(resume_from)
         dist.load_state(policy, opt, state["model"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start, cursor = state["step"], state["cursor"]
+        start, cursor, keep_rate = state["step"], state["cursor"], state.get("keep_rate")
         checkpoint.set_rng_state(state["rng_ranks"][dist.rank])
         if ref is not None:
             ref.load_state_dict(state["ref"])
@@ -268,18 +269,21 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     last: dict[str, float] = {}
     for step in bar:
         t0 = time.perf_counter()
-        # ---- rollouts (+ dynamic sampling: drop groups whose rewards are all equal, refill once). Every rank takes
-        # `draw` rows from its own slot (the largest draw) of the global cursor; all make the same number of attempts.
+        # ---- rollouts (+ dynamic sampling: drop groups whose rewards are all equal). Every rank takes `draw` rows
+        # from its own slot (the largest draw) of the global cursor; all make the same number of attempts.
         kept: list[tuple[list[int], Any]] = []
         kept_rewards: list[float] = []
         spare: tuple[list[int], Any] | None = None  # padding when this rank kept fewer sequences than another
         n_gen = n_groups = n_signal = 0
         t_roll = t_rew = 0.0
-        refills = cfg.max_refills if cfg.dynamic_sampling else 0
-        keep_rate = 0.0
-        for attempt in range(1 + min(1, refills)):  # the refills are one call (grpo.refill_prompts)
+        # Dynamic sampling draws in one generate call as many prompts as 1 + max_refills rounds of refilling
+        # would in expectation (grpo.refill_prompts), at the keep rate of the last step; only the first step, with
+        # no rate known yet, refills in a second call.
+        rounds = 1 + cfg.max_refills if cfg.dynamic_sampling else 1
+        rate = keep_rate
+        for attempt in range(1 if rate is not None or rounds == 1 else 2):
             need = per_rank - len(kept) // G
-            draw = need if attempt == 0 else grpo.refill_prompts(need, keep_rate, refills)
+            draw = need if rate is None else grpo.refill_prompts(need, rate, rounds - attempt)
             slot = int(dist.all_reduce(torch.tensor(draw, device=dist.device), "max").item())
             if slot <= 0:
                 break
@@ -300,7 +304,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             keep = grpo.groups_with_signal(torch.tensor(rewards), G) if cfg.dynamic_sampling \
                 else torch.ones(len(batch), dtype=torch.bool)
             n_groups += len(batch)
-            keep_rate = float(keep.float().mean())
+            rate = float(keep.float().mean())
             n_signal += int(keep.sum())
             spare = spare or (prompts[0], rolls[0])
             for g in keep.nonzero().flatten().tolist()[:need]:  # a refill's surplus groups are dropped
@@ -388,6 +392,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             "lr": sched.get_last_lr()[0],
         })
         metrics = dist.mean_metrics(metrics)
+        keep_rate = 1 - metrics["frac_reward_zero_std"] if cfg.dynamic_sampling else None  # every rank's mean
         if logger is not None:
             logger.log(step + 1, metrics)
         if tracker is not None:
@@ -400,7 +405,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             model_sd, opt_sd = dist.full_state(policy, opt)
             if dist.main:
                 state = {"model": model_sd, "optimizer": opt_sd,
-                         "scheduler": sched.state_dict(), "cursor": cursor, "rng_ranks": rngs}
+                         "scheduler": sched.state_dict(), "cursor": cursor, "rng_ranks": rngs,
+                         "keep_rate": keep_rate}
                 if ref is not None:
                     state["ref"] = ref.state_dict()
                 checkpoint.save(ckpt_dir, step + 1, state, keep=cfg.keep_last)

@@ -169,9 +169,10 @@ def odd_prompts_signal(completions: list[str], prompt: list[str], **_: object) -
     return [float(i % 2) if int(p[0]) % 2 else 0.0 for i, p in enumerate(prompt)]
 
 
-def test_dynamic_sampling_refills_in_one_call(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Groups without signal are dropped and refilled by one generate call of grpo.refill_prompts' size; the
-    refill's surplus groups are not trained on; the data position moves past every prompt drawn."""
+def test_dynamic_sampling_draws_in_one_call(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups without signal are dropped. The first step refills once, by grpo.refill_prompts' size at its own
+    keep rate; later steps draw 1 + max_refills rounds' worth up front, in one generate call, at the last step's
+    rate. Surplus groups are not trained on; the data position moves past every prompt drawn."""
     import random
 
     import rollouts
@@ -185,25 +186,27 @@ def test_dynamic_sampling_refills_in_one_call(model_dir: Path, tmp_path: Path, m
     monkeypatch.setattr(rollouts.TorchEngine, "generate",
                         lambda self, ids, sp, n=1: calls.append(len(ids)) or generate(self, ids, sp, n))
     monkeypatch.setattr(trainer, "pack", lambda prompts, *a: packed.append(len(prompts)) or pack(prompts, *a))
-    train(tiny(model_dir, tmp_path / "run", rewards=["test_trainer:odd_prompts_signal"], steps=2,
+    train(tiny(model_dir, tmp_path / "run", rewards=["test_trainer:odd_prompts_signal"], steps=3,
                prompts_per_step=8, max_refills=2))
     rows = smoke_rl_rows(seed=0)
     order = list(range(len(rows)))
     random.Random(0).shuffle(order)
     odd = [int(rows[i]["prompt"][0]) % 2 for i in order]
     expected_calls: list[list[int]] = []
-    expected_kept, cursor = [], 0
-    for _ in range(2):
-        signal = sum(odd[cursor:cursor + 8])
-        need, cursor = 8 - signal, cursor + 8
-        expected_calls.append([8])
-        if need:
-            draw = refill_prompts(need, signal / 8, 2)
-            assert draw > need  # the refill oversamples for the groups it will drop
-            expected_calls[-1].append(draw)
-            signal += min(need, sum(odd[cursor:cursor + draw]))
-            cursor += draw
-        expected_kept.append(4 * signal)
+    expected_kept, cursor, rate = [], 0, None
+    for _ in range(3):
+        draws = [8] if rate is None else [refill_prompts(8, rate, 3)]
+        signal = sum(odd[cursor:cursor + draws[0]])
+        kept, cursor = min(8, signal), cursor + draws[0]
+        if rate is None and kept < 8:
+            draws.append(refill_prompts(8 - kept, signal / 8, 2))
+            assert draws[1] > 8 - kept  # oversampled for the groups it will drop
+            signal += sum(odd[cursor:cursor + draws[1]])
+            kept, cursor = min(8, signal), cursor + draws[1]
+        expected_calls.append(draws)
+        expected_kept.append(4 * kept)
+        rate = signal / sum(draws)
+    assert len(expected_calls[1]) == 1 and expected_calls[1][0] > 8  # one call, sized up front
     assert calls == [n for step in expected_calls for n in step]
     assert packed == expected_kept
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
