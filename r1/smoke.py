@@ -62,8 +62,8 @@ def run_smoke(cfg: SmokeConfig) -> dict[str, float]:
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
     print(f"[2/3] GRPO: {cfg.grpo_steps} steps", flush=True)
     train(TrainConfig(model=str(out / "sft" / "model"), output_dir=str(out / "grpo"), steps=cfg.grpo_steps,
-                      lr=cfg.grpo_lr, prompts_per_step=cfg.grpo_prompts, micro_batch=cfg.grpo_micro_batch, seed=cfg.seed,
-                      progress=cfg.progress))
+                      lr=cfg.grpo_lr, prompts_per_step=cfg.grpo_prompts, micro_batch=cfg.grpo_micro_batch,
+                      seed=cfg.seed, progress=cfg.progress))
     print("[3/3] held-out evaluation", flush=True)
     acc_grpo = heldout_accuracy(out / "grpo" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
