@@ -331,13 +331,16 @@ def _hc_step(m, x):
 
 @needs_cext
 @pytest.mark.parametrize("mode", ["hc", "mhc"])
-@pytest.mark.parametrize("n", [4, 3])  # the unrolled n = 4 and the generic loops
-def test_c_kernels_are_as_accurate_as_the_torch_path(mode, n, monkeypatch):
-    """Mixing, write-back and the maps H (sigmoids, Sinkhorn and its implicit backward) in C, against the torch
-    path in fp64: the output, the stream gradient and every HC parameter's gradient are as close as torch's own
-    fp32 path gets (Sinkhorn's backward solves amplify fp32 rounding in both), with phi moved off zero."""
+# the unrolled n = 4 (and 2, 8) and the generic loops (3); the projection's column tiles 24 (n = 4), 8 (2),
+# 24 + 24 + 24 + 8 (8), 16 with a padded column (3: M = 15); dx's 8-wide tail panel (3 x 24 = 72 columns)
+@pytest.mark.parametrize(("n", "hidden"), [(4, 64), (3, 64), (2, 24), (8, 40), (3, 24)])
+def test_c_kernels_are_as_accurate_as_the_torch_path(mode, n, hidden, monkeypatch):
+    """The read side (norm-projection, maps H with Sinkhorn and its implicit backward, mixing) and the write-back in
+    C, against the torch path in fp64: the output, the stream gradient and every HC parameter's gradient are as close
+    as torch's own fp32 path gets (Sinkhorn's backward solves amplify fp32 rounding in both), with phi moved off
+    zero, over 111 tokens (not a whole number of the kernels' 4-token tiles)."""
     torch.manual_seed(n)
-    m = HyperConnection(tiny(residual=mode, hc_streams=n), index=1)
+    m = HyperConnection(tiny(residual=mode, hc_streams=n, hidden_size=hidden), index=1)
     with torch.no_grad():
         m.phi.normal_(0, 0.3)
         m.alpha.fill_(0.7)
@@ -358,20 +361,28 @@ def test_c_kernels_are_as_accurate_as_the_torch_path(mode, n, monkeypatch):
 @needs_cext
 @pytest.mark.parametrize("scale", [1.0, 50.0, 1e4])
 def test_c_sinkhorn_is_doubly_stochastic_and_finite(scale):
-    from r1.model.hc import SINKHORN_ITERS, _Maps
+    """H_res from the C read side for logits of every size (u = r x w grows with w; b sets them outright): doubly
+    stochastic, non-negative, the torch path's Sinkhorn of the same logits, and a finite gradient."""
+    from r1.model.hc import SINKHORN_ITERS, _FusedRead
 
-    n = 4
+    n, D, N = 4, 16, 3000
+    M = 2 * n + n * n
     torch.manual_seed(1)
-    z = scale * torch.randn(2 * n + n * n, 3000)
-    z[2 * n:, 0] = 80.0
-    z[2 * n:, 1] = (-1e4 * torch.eye(n)).flatten()
-    z.requires_grad_()
-    pre, post, res = _Maps.apply(z, n, SINKHORN_ITERS)
-    assert torch.isfinite(res).all() and (res >= 0).all()
-    assert (res.sum(-1) - 1).abs().max() < 1e-5 and (res.sum(-2) - 1).abs().max() < 1e-5
-    assert torch.allclose(res, sinkhorn(z.detach()[2 * n:].view(n, n, -1), dims=(0, 1)).permute(2, 0, 1), atol=1e-5)
-    (res * torch.randn(res.shape)).sum().backward()
-    assert torch.isfinite(z.grad).all()
+    x = torch.randn(N, n, D)
+    for w, b, a in [(scale * torch.randn(n * D, M), torch.zeros(M), torch.ones(M)),  # large logits per token
+                    (torch.zeros(n * D, M), torch.full((M,), 80.0), torch.ones(M)),  # all equal and large
+                    (torch.zeros(n * D, M), torch.cat([torch.zeros(2 * n), -1e4 * torch.eye(n).flatten()]),
+                     torch.ones(M))]:  # a permutation's complement
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, a)]
+        h, xr, pre, post, res = _FusedRead.apply(*leaves, 1e-6, SINKHORN_ITERS)
+        assert torch.isfinite(res).all() and (res >= 0).all()
+        assert (res.sum(-1) - 1).abs().max() < 1e-5 and (res.sum(-2) - 1).abs().max() < 1e-5
+        r = torch.linalg.vector_norm(x.view(N, -1), dim=-1).square().div(n * D).add(1e-6).rsqrt()
+        z = b + a * (r[:, None] * (x.view(N, -1) @ w))
+        ref = sinkhorn(z[:, 2 * n:].view(N, n, n))
+        assert torch.allclose(res, ref, atol=1e-5 if scale < 100 else 1e-3)  # rounding of z at 1e4 scale moves P
+        (h.sum() + (xr * torch.randn(xr.shape)).sum() + post.sum()).backward()
+        assert all(torch.isfinite(t.grad).all() for t in leaves)
 
 
 def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
@@ -395,24 +406,3 @@ def test_an_unloadable_cache_file_warns_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(cext.subprocess, "run", lambda cmd, **k: Path(cmd[-1]).write_bytes(b"not a library"))
     with pytest.warns(UserWarning, match="loading .* failed"):
         assert cext.kernels.__wrapped__() is None
-
-
-@needs_cext
-def test_c_mixing_without_a_link_matches_the_torch_path(monkeypatch):
-    """_ReadAndMix on its own (no _Link: the C backward forms dx itself, hc_mix_bwd) against its bmm path."""
-    from r1.model.hc import _ReadAndMix
-
-    torch.manual_seed(5)
-    x, pre, res = torch.randn(50, 4, 64), torch.rand(50, 4), torch.rand(50, 4, 4)
-    g_h, g_r = torch.randn(50, 64), torch.randn(50, 4, 64)
-
-    def run():
-        leaves = [t.clone().requires_grad_() for t in (x, pre, res)]
-        h, xr = _ReadAndMix.apply(*leaves)
-        torch.autograd.backward([h, xr], [g_h, g_r])
-        return [h.detach(), xr.detach(), *(t.grad for t in leaves)]
-
-    c = run()
-    monkeypatch.setattr(cext, "fits", lambda *a: False)
-    for a, b in zip(c, run(), strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -27,11 +27,15 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("hc_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-# name -> number of tensor arguments; every kernel ends with three longs: (N, n, D), or (N, n, iters) for the maps
+# -ffp-contract=fast: a * b + c as one FMA (ISO C modes such as -std=c11 otherwise keep them apart)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
+LIBS = ["-lm"]
 MAX_STREAMS = 16  # the kernels' stack arrays (MAX_N, MAX_SQ in hc_kernels.c) hold this many streams
-SIGNATURES = {"hc_mix": 5, "hc_write": 3, "hc_write_bwd": 5, "hc_mix_bwd": 8, "hc_mix_dots": 5,
-              "hc_mix_bwd_into": 7, "hc_maps": 4, "hc_maps_bwd": 7}
+_L, _F = ctypes.c_long, ctypes.c_float
+# name -> (number of tensor arguments, the scalars after them)
+SIGNATURES = {"hc_write": (3, [_L] * 3), "hc_write_bwd": (5, [_L] * 3),  # N, n, D
+              "hc_read_fwd": (11, [_F] + [_L] * 4), "hc_read_bwd": (15, [_L] * 4),  # (eps,) N, n, D, iters
+              "hc_proj_wgrad": (3, [_L] * 3)}  # N, X, Mp
 
 
 def _cpu_flags() -> str:
@@ -51,14 +55,14 @@ def kernels() -> ctypes.CDLL | None:
         warnings.warn("r1: no C compiler (cc/gcc) found: the HC stream mixing runs on torch ops (slower)", stacklevel=2)
         return None
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, *LIBS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = Path(os.environ.get("R1_CACHE", Path.home() / ".cache" / "r1")) / f"hc_kernels-{key}.so"
     if not out.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 tmp_so = Path(tmp) / out.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_so)], check=True, capture_output=True,
+                subprocess.run([cc, *FLAGS, str(SOURCE), *LIBS, "-o", str(tmp_so)], check=True, capture_output=True,
                                text=True, timeout=120)
                 os.replace(tmp_so, out)
         except (OSError, subprocess.SubprocessError) as e:
@@ -71,9 +75,9 @@ def kernels() -> ctypes.CDLL | None:
     except OSError as e:  # e.g. a cache file from another toolchain
         warnings.warn(f"r1: loading {out} failed ({e}): the HC stream mixing runs on torch ops (slower)", stacklevel=2)
         return None
-    for name, n_tensors in SIGNATURES.items():
+    for name, (n_tensors, scalars) in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * n_tensors + [ctypes.c_long] * 3
+        fn.argtypes = [ctypes.c_void_p] * n_tensors + scalars
         fn.restype = None
     return lib
 
@@ -86,6 +90,6 @@ def fits(n: int, *ts: Tensor) -> bool:
         kernels() is not None
 
 
-def call(name: str, tensors: list[Tensor], N: int, n: int, k: int) -> None:
-    """Run kernel `name` on the tensors' storage (each checked by `fits` beforehand); k is D or iters."""
-    getattr(kernels(), name)(*(t.data_ptr() for t in tensors), N, n, k)
+def call(name: str, tensors: list[Tensor], *scalars: float) -> None:
+    """Run kernel `name` on the tensors' storage (each checked by `fits` beforehand), then its scalars (SIGNATURES)."""
+    getattr(kernels(), name)(*(t.data_ptr() for t in tensors), *scalars)

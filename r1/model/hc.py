@@ -92,7 +92,7 @@ class _Sinkhorn(torch.autograd.Function):
         return d.movedim((-2, -1), (i, j)).to(g.dtype), None, None, None
 
 
-SINKHORN_ITERS = 20  # mHC's H_res: the torch path (sinkhorn) and the C one (_Maps) alike
+SINKHORN_ITERS = 20  # mHC's H_res: the torch path (sinkhorn) and the C one (_FusedRead) alike
 
 
 def sinkhorn(logits: Tensor, iters: int = SINKHORN_ITERS, dims: tuple[int, int] = (-2, -1)) -> Tensor:
@@ -119,128 +119,107 @@ def sinkhorn(logits: Tensor, iters: int = SINKHORN_ITERS, dims: tuple[int, int] 
     return _Sinkhorn.apply(logits, iters, i % logits.dim(), j % logits.dim())
 
 
-class _Maps(torch.autograd.Function):
-    """Logits z [2n + n^2, N] (tokens last) -> (H_pre [N, n], H_post [N, n], H_res [N, n, n]) tokens first, in C
-    (r1/model/hc_kernels.c: hc_maps, hc_maps_bwd): mHC's sigmoid, 2 sigmoid and Sinkhorn (`iters`, with the
-    rounding and the implicit backward of _Sinkhorn), or HC's logits as they are (iters = 0). The same maps as the
-    torch path in HyperConnection.weights to fp32 rounding (tests/test_hc.py). Why: the torch path is ~100
-    dispatches on [n, n, N] tensors a sub-block, forward + backward ~4 ms on the 2-core CPU; this is one pass."""
-
-    @staticmethod
-    def forward(ctx: object, z_MN: Tensor, n: int, iters: int) -> tuple[Tensor, Tensor, Tensor]:
-        N = z_MN.shape[1]
-        pre, post, res = z_MN.new_empty(N, n), z_MN.new_empty(N, n), z_MN.new_empty(N, n, n)
-        cext.call("hc_maps", [z_MN, pre, post, res], N, n, iters)
-        ctx.save_for_backward(pre, post, res)
-        ctx.iters = iters
-        return pre, post, res
-
-    @staticmethod
-    def backward(ctx: object, g_pre: Tensor | None, g_post: Tensor | None,
-                 g_res: Tensor | None) -> tuple[Tensor, None, None]:
-        pre, post, res = ctx.saved_tensors
-        N, n = pre.shape
-        g_pre, g_post, g_res = (torch.zeros_like(t) if g is None else g.contiguous()
-                                for g, t in ((g_pre, pre), (g_post, post), (g_res, res)))
-        dz = pre.new_empty(2 * n + n * n, N)
-        cext.call("hc_maps_bwd", [pre, post, res, g_pre, g_post, g_res, dz], N, n, ctx.iters)
-        return dz, None, None
-
-
-class _Link:
-    """The handoff between one HyperConnection call's two Functions in the backward, so that dx is written once.
-    x feeds both: _NormProject (-> H) and _ReadAndMix (H_pre x, H_res x). _ReadAndMix's backward always runs
-    first (H's gradient comes out of it), and on the C path it leaves dx to _NormProject: it stores what the
-    mixing's terms need here and returns no dx; _NormProject's backward then forms the whole
-        dx = g_p^T W^T  (its GEMM's output)  += H_res^T g_r + H_pre g_h - x (r^3 / X) sum_m (g p)
-    in one C pass, instead of three more passes (the mixing's own dx buffer, the norm's term, autograd's sum)."""
-
-    __slots__ = ("mix",)
-
-    def __init__(self) -> None:
-        self.mix: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (H_pre, H_res, g_h, g_r)
-
-
 class _NormProject(torch.autograd.Function):
-    """RMSNorm(x) W without the normalised copy of x, transposed (tokens last):
+    """RMSNorm(x) W without the normalised copy of x, transposed (tokens last) (the torch path; see _FusedRead):
         dyn [m, N] = (x W)^T r,   r_t = rsqrt(mean(x_t^2) + eps),   x viewed as x_NX, X = W's rows
     and a backward that writes dx once and adds the norm's term in place:
         g_p = g r,   dx = g_p^T W^T - x (r^3 / X) sum_m (g p),   dW = x^T g_p^T
     (autograd through vector_norm, rsqrt and the product makes 3 more passes over the n-times-wide x_NX
-    and a second dx to add). x comes in its own shape and dx goes back in it: the GEMM's output, viewed.
-    With a _Link that holds the mixing's gradients, the mixing's dx terms go into the same buffer (C kernel);
-    otherwise _ReadAndMix's dx (a plain tensor, computed first) is what autograd adds it into, in place."""
+    and a second dx to add). x comes in its own shape and dx goes back in it: the GEMM's output, viewed."""
 
     @staticmethod
-    def forward(ctx: object, x: Tensor, w_XM: Tensor, eps: float, link: _Link | None = None) -> Tensor:
+    def forward(ctx: object, x: Tensor, w_XM: Tensor, eps: float) -> Tensor:
         x_NX = x.reshape(-1, w_XM.shape[0])
         # vector_norm is one fused reduction; vecdot and x.pow(2).sum() write an [N, X] temporary
         r_N = torch.linalg.vector_norm(x_NX, dim=-1).square_().div_(x_NX.shape[-1]).add_(eps).rsqrt_()
         p_MN = mm_nt(w_XM.T, x_NX)  # W^T x^T: tokens last as returned, and ~2x x W on oneDNN (24 rows)
         ctx.save_for_backward(x, w_XM, r_N, p_MN)
-        ctx.link = link
         return p_MN * r_N
 
     @staticmethod
-    def backward(ctx: object, g_MN: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: object, g_MN: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, w_XM, r_N, p_MN = ctx.saved_tensors
         x_NX = x.reshape(-1, w_XM.shape[0])
         gp_MN = g_MN * r_N
-        coef_N = torch.linalg.vecdot(g_MN, p_MN, dim=0).mul_(r_N.pow(3)).div_(-x_NX.shape[-1])
-        mix, dx = (ctx.link.mix if ctx.link is not None else None), None
-        if ctx.needs_input_grad[0] or mix is not None:
+        dx = None
+        if ctx.needs_input_grad[0]:
+            coef_N = torch.linalg.vecdot(g_MN, p_MN, dim=0).mul_(r_N.pow(3)).div_(-x_NX.shape[-1])
             dx_NX = mm_nt(gp_MN.T, w_XM) if usable(gp_MN, w_XM) else torch.mm(gp_MN.T, w_XM.T)
-            if mix is not None:  # the mixing's terms and the norm's, one pass (see _Link)
-                ctx.link.mix = None
-                N, n, D = x_NX.shape[0], mix[0].shape[-1], x.shape[-1]
-                cext.call("hc_mix_bwd_into", [x, *mix, coef_N.contiguous(), dx_NX], N, n, D)
-            else:  # the norm's term in place (addmm(x * coef, ...) would write x * coef and copy it)
-                dx_NX.addcmul_(x_NX, coef_N.unsqueeze(-1))
-            dx = dx_NX.view(x.shape)
+            dx = dx_NX.addcmul_(x_NX, coef_N.unsqueeze(-1)).view(x.shape)  # the norm's term in place
         dw = wgrad(gp_MN.T, x_NX).T if ctx.needs_input_grad[1] else None  # oneDNN: ~2x MKL for this shape
-        return dx, dw, None, None
+        return dx, dw, None
 
 
 class _ReadAndMix(torch.autograd.Function):
-    """(x [N, n, D], H_pre [N, n], H_res [N, n, n]) -> (H_pre x [N, D], H_res x [N, n, D]), and a backward with
-    the H_pre term in dx: the passes over the n-times-wider stream tensor are what HC costs on CPU. fp32 CPU
-    tensors run the fused C kernels (r1/model/hc_kernels.c: one pass each way, several times torch's bmms of N
-    tiny matrices), and with a _Link the backward leaves dx to _NormProject; anything else runs two bmms forward
-    and four backward."""
+    """(x [N, n, D], H_pre [N, n], H_res [N, n, n]) -> (H_pre x [N, D], H_res x [N, n, D]) as batched matmuls, with a
+    backward that forms dx in one buffer (the torch path; fp32 CPU tensors take _FusedRead)."""
 
     @staticmethod
-    def forward(ctx: object, x_BTnD: Tensor, pre: Tensor, res: Tensor,
-                link: _Link | None = None) -> tuple[Tensor, Tensor]:
-        x = x_BTnD.reshape(-1, *x_BTnD.shape[-2:])  # inside: see _NormProject on views of gradients
+    def forward(ctx: object, x_BTnD: Tensor, pre: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
+        x = x_BTnD.reshape(-1, *x_BTnD.shape[-2:])
         ctx.save_for_backward(x, pre, res)
-        ctx.shape, ctx.link = x_BTnD.shape, link
-        N, n, D = x.shape
-        if cext.fits(n, x, pre, res):
-            h, xr = x.new_empty(N, D), torch.empty_like(x)
-            cext.call("hc_mix", [x, pre, res, h, xr], N, n, D)
-            return h, xr
+        ctx.shape = x_BTnD.shape
         return torch.bmm(pre.unsqueeze(-2), x).squeeze(-2), torch.bmm(res, x)
 
     @staticmethod
-    def backward(ctx: object, g_h: Tensor | None, g_r: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor, None]:
+    def backward(ctx: object, g_h: Tensor | None, g_r: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         x, pre, res = ctx.saved_tensors
-        N, n, D = x.shape
-        g_h = x.new_zeros(N, D) if g_h is None else g_h.contiguous()
-        g_r = torch.zeros_like(x) if g_r is None else g_r.contiguous()
-        if cext.fits(n, x, pre, res, g_h, g_r):
-            dpre, dres = pre.new_empty(N, n), res.new_empty(N, n, n)
-            if ctx.link is not None and ctx.needs_input_grad[0]:
-                cext.call("hc_mix_dots", [x, g_h, g_r, dpre, dres], N, n, D)
-                ctx.link.mix = (pre, res, g_h, g_r)
-                return None, dpre, dres, None
-            dx = x.new_empty(ctx.shape)  # not a view of x's shape: see _NormProject
-            cext.call("hc_mix_bwd", [x, pre, res, g_h, g_r, dx, dpre, dres], N, n, D)
-            return dx, dpre, dres, None
+        g_h = x.new_zeros(x.shape[0], x.shape[-1]) if g_h is None else g_h
+        g_r = torch.zeros_like(x) if g_r is None else g_r
         dx = x.new_empty(ctx.shape)
         g_h = g_h.unsqueeze(-2)  # [N, 1, D]
         torch.bmm(res.transpose(1, 2), g_r, out=dx.view(x.shape)).baddbmm_(pre.unsqueeze(-1), g_h)
         x_t = x.transpose(1, 2)
-        return dx, torch.bmm(g_h, x_t).squeeze(-2), torch.bmm(g_r, x_t), None
+        return dx, torch.bmm(g_h, x_t).squeeze(-2), torch.bmm(g_r, x_t)
+
+
+class _FusedRead(torch.autograd.Function):
+    """The read side of a HyperConnection on fp32 CPU streams, in C (r1/model/hc_kernels.c): x [..., n, D],
+    w = norm weight * phi [n D, M], b, a [M] (biases, alphas per row of z; M = 2n + n^2) ->
+        r = rsqrt(mean(x^2) + eps),  u = r x w,  z = b + a u  (HC: b + a tanh u),  (H_pre, H_post, H_res) = maps(z),
+        h = H_pre x [N, D],  xr = H_res x [N, n, D]
+    returned as (h, xr, H_pre, H_post, H_res); H_pre and H_res go on only as metrics (no gradient). The maps are
+    mHC's (sigmoid, 2 sigmoid, Sinkhorn with `iters` iterations, the rounding and _Sinkhorn's implicit backward) or
+    HC's (iters = 0), as the torch path computes them (tests/test_hc.py compares the two in fp64).
+    Why: the torch path is ~10 kernels each way (the norm, three skinny GEMMs that MKL runs at a fifth of the CPU's
+    peak, ~100 small ops for the maps, the batched mixing), each a pass over the n-times-wider x; the C path reads
+    x once forward (hc_read_fwd) and twice backward (hc_read_bwd forms dx in one write; hc_proj_wgrad forms dw)."""
+
+    @staticmethod
+    def forward(ctx: object, x_BTnD: Tensor, w: Tensor, b: Tensor, a: Tensor, eps: float,
+                iters: int) -> tuple[Tensor, ...]:
+        n, D = x_BTnD.shape[-2:]
+        N, X, M = x_BTnD.numel() // (n * D), n * D, w.shape[1]
+        Mp = -(-M // 8) * 8  # the kernels' column tiles are 8 wide
+        w = F.pad(w, (0, Mp - M)) if Mp != M else w.contiguous()
+        h, xr = x_BTnD.new_empty(N, D), x_BTnD.new_empty(N, n, D)
+        pre, post, res = x_BTnD.new_empty(N, n), x_BTnD.new_empty(N, n), x_BTnD.new_empty(N, n, n)
+        u, r = x_BTnD.new_empty(N, Mp), x_BTnD.new_empty(N)
+        cext.call("hc_read_fwd", [x_BTnD, w, b.contiguous(), a.contiguous(), h, xr, pre, post, res, u, r],
+                  eps, N, n, D, iters)
+        ctx.save_for_backward(x_BTnD, w, a, r, u, pre, post, res)
+        ctx.iters, ctx.M = iters, M
+        ctx.mark_non_differentiable(pre, res)
+        ctx.set_materialize_grads(False)
+        return h, xr, pre, post, res
+
+    @staticmethod
+    def backward(ctx: object, g_h: Tensor | None, g_r: Tensor | None, _g_pre: None, g_post: Tensor | None,
+                 _g_res: None) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None]:
+        x, w, a, r, u, pre, post, res = ctx.saved_tensors
+        N, Mp = u.shape
+        n, D = x.shape[-2:]
+        g_h = x.new_zeros(N, D) if g_h is None else g_h.contiguous()
+        g_r = x.new_zeros(N, n, D) if g_r is None else g_r.contiguous()
+        g_post = x.new_zeros(N, n) if g_post is None else g_post.contiguous()
+        dx, dz, gp = torch.empty_like(x), u.new_empty(N, Mp), u.new_empty(N, Mp)
+        cext.call("hc_read_bwd", [x, w, torch.empty_like(w), r, u, pre, post, res, a.contiguous(), g_h, g_r, g_post,
+                                  dx, dz, gp], N, n, D, ctx.iters)
+        dw_MX = w.new_empty(Mp, n * D)
+        cext.call("hc_proj_wgrad", [x, gp, dw_MX], N, n * D, Mp)
+        M = ctx.M
+        dz, u = dz[:, :M], u[:, :M]
+        return dx, dw_MX[:M].T, dz.sum(0), (dz * (u if ctx.iters else u.tanh())).sum(0), None, None
 
 
 class _WriteBack(torch.autograd.Function):
@@ -312,22 +291,15 @@ class HyperConnection(nn.Module):
             self.b_pre.copy_(F.one_hot(torch.tensor(self.index % n), n).float())
             self.b_post.fill_(1.0)
 
-    def weights(self, x_BTnD: Tensor, link: _Link | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(H_pre [..., n], H_post [..., n], H_res [..., n, n]) in fp32 for x [..., n, D]."""
+    def weights(self, x_BTnD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(H_pre [..., n], H_post [..., n], H_res [..., n, n]) in fp32 for x [..., n, D], in torch ops."""
         n, lead = self.n, x_BTnD.shape[:-2]
         # RMSNorm(x) phi = rsqrt(mean(x^2) + eps) * (x (w * phi)): no normalised [N, n D] copy of x.
         # Computed transposed, tokens last ([2n + n^2, N]): the n-sums of Sinkhorn then add contiguous
         # N-vectors, ~3x faster than reducing rows of 4.
-        dyn = _NormProject.apply(x_BTnD.float(), (self.norm_weight.unsqueeze(-1) * self.phi).float(), self.eps, link)
+        dyn = _NormProject.apply(x_BTnD.float(), (self.norm_weight.unsqueeze(-1) * self.phi).float(), self.eps)
         if self.mode == "hc":
             dyn = dyn.tanh()
-        if cext.fits(n, dyn):  # z = b + alpha dyn, then the maps in one C pass
-            b = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()]).float()
-            # alpha per row of z (pre, post, res): views and one cat, no index tensor built per call
-            a = torch.cat([self.alpha[:1].expand(n), self.alpha[1:2].expand(n), self.alpha[2:].expand(n * n)]).float()
-            pre, post, res = _Maps.apply(torch.addcmul(b.unsqueeze(-1), a.unsqueeze(-1), dyn), n,
-                                         SINKHORN_ITERS if self.mode == "mhc" else 0)
-            return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
         pre = self.b_pre.unsqueeze(-1) + self.alpha[0] * dyn[:n]
         post = self.b_post.unsqueeze(-1) + self.alpha[1] * dyn[n:2 * n]
         res = self.b_res.unsqueeze(-1) + self.alpha[2] * dyn[2 * n:].view(n, n, -1)
@@ -339,18 +311,24 @@ class HyperConnection(nn.Module):
 
     def forward(self, x_BTnD: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """x_BTnD -> (H_res x + H_post^T fn(H_pre x), fn's aux output)."""
-        # the backward's shared dx (_Link) where both Functions see this very tensor: fp32 (no .float() copy), and
-        # contiguous (no reshape copy)
-        link = _Link() if x_BTnD.dtype == torch.float32 and x_BTnD.is_contiguous() else None
-        pre, post, res = self.weights(x_BTnD, link)
+        n, dt, shape = self.n, x_BTnD.dtype, x_BTnD.shape
+        w = self.norm_weight.unsqueeze(-1) * self.phi
+        if cext.fits(n, x_BTnD, w) and shape[-1] % 8 == 0:  # fp32 CPU: the read side in C (D in whole vectors)
+            b = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])
+            # alpha per row of z (pre, post, res): views and one cat, no index tensor built per call
+            a = torch.cat([self.alpha[:1].expand(n), self.alpha[1:2].expand(n), self.alpha[2:].expand(n * n)])
+            h, xr, pre, post, res = _FusedRead.apply(x_BTnD, w, b, a, self.eps,
+                                                     SINKHORN_ITERS if self.mode == "mhc" else 0)
+        else:
+            pre, post, res = self.weights(x_BTnD)
+            pre, res = pre.to(dt).reshape(-1, n), res.to(dt).reshape(-1, n, n)
+            h, xr = _ReadAndMix.apply(x_BTnD, pre, res)
         with torch.no_grad():
-            self.last_pre = pre.reshape(-1, self.n).mean(0)
-            self.last_post = post.reshape(-1, self.n).mean(0)
-            self.last_res = res.reshape(-1, self.n, self.n).mean(0)
-        dt, shape = x_BTnD.dtype, x_BTnD.shape
-        h, xr = _ReadAndMix.apply(x_BTnD, pre.to(dt).reshape(-1, self.n), res.to(dt).reshape(-1, self.n, self.n), link)
+            self.last_pre = pre.reshape(-1, n).mean(0)
+            self.last_post = post.reshape(-1, n).mean(0)
+            self.last_res = res.reshape(-1, n, n).mean(0)
         y_BTD, aux = fn(h.view(*shape[:-2], shape[-1]))
-        x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, self.n), y_BTD.reshape(-1, shape[-1]))
+        x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, n), y_BTD.reshape(-1, shape[-1]))
         return x_next.view(shape), aux
 
 

@@ -1,22 +1,39 @@
-/* Fused CPU kernels for the hyper-connection stream mixing (r1/model/hc.py; built and loaded by r1/model/cext.py).
+/* Fused CPU kernels for hyper-connections (r1/model/hc.py; built and loaded by r1/model/cext.py).
 
-Why: per token the mixing is an n x n (or 1 x n) matrix times an [n, D] one. torch runs it as a batched matmul of
-N tiny matrices, several times slower than one pass over the bytes, and the backward needs four such bmms plus
-in-place adds, each a pass over the n-times-wider stream tensor. Here each kernel walks the tokens once; a token's
-rows (n D floats, a few KB) stay in L1 while every output that needs them is formed.
+Why: around each sub-block HC reads the n-times-wider stream tensor x [N, n, D] to form its maps H (an RMSNorm and a
+rank-M projection, M = 2n + n^2, then sigmoids and Sinkhorn per token) and to mix it (H_pre x, H_res x), and the
+backward reads it again for every gradient. torch runs that as ~10 kernels each way, batched matmuls of N tiny
+matrices and skinny GEMMs ([N, nD] x [nD, 24], which MKL runs at a fifth of the CPU's peak), each a pass over x.
+Here the read side is one pass over x forward (hc_read_fwd) and one backward (hc_read_bwd, plus hc_proj_wgrad for
+the projection's weight gradient); the write-back (xr += H_post^T y) is one pass each way.
 
-Vectorisation: the loops over D carry `omp simd`, and each kernel body is inlined with n a compile-time constant
-for n = 2, 4, 8 (the loops over the streams unroll; each input element is loaded once per D-vector and feeds all
-outputs from registers); other n run the same code with n as a variable (correct, not vectorised).
-Tokens are split over torch's OpenMP threads (the library links the libgomp torch loaded).
+Per block of TB tokens, the rows (a few KB each) stay in L1/L2 while every output that needs them is formed:
+the projection as a TB x 24 register tile (vector loads of W, broadcasts of x), then per token the norm, the maps
+on the stack and the mixing. Vectors are GCC's vector extensions (8 floats; AVX2 with -march=native, and whatever
+the target has elsewhere); the build contracts a * b + c into FMAs (-ffp-contract=fast). The bodies are inlined
+with n a compile-time constant for n = 2, 4, 8 (the loops over the streams unroll); other n run the same code with
+n as a variable (correct, slower). Tokens are split over torch's OpenMP threads (the library links the libgomp
+torch loaded). Every sum runs in a fixed order, so results do not depend on the thread count.
 
-Layout (all fp32, contiguous, tokens first), per token t:
+Layout (all fp32, contiguous, tokens first), per token t; X = n D, Mp = M rounded up to a multiple of 8:
   x, xr, g_r, dx: [N, n, D]   h, y, g_h, dy: [N, D]   pre, post, dpre, dpost: [N, n]   res, dres: [N, n, n]
-Every sum runs in a fixed order, so results do not depend on the thread count.
+  w: [X, Mp] (columns past M zero)   dwT: [Mp, X]   u, dz, gp: [N, Mp]   r: [N]   b, a: [M]   wp: [X Mp] (scratch)
 */
+#include <math.h>
 #include <stddef.h>
 
 #define INLINE static inline __attribute__((always_inline))
+#define MAX_N 16                               /* streams supported (cext.MAX_STREAMS; cext.fits checks it) */
+#define MAX_SQ (MAX_N * MAX_N)
+#define MAX_MP (2 * MAX_N + MAX_SQ)            /* M for MAX_N, a multiple of 8 */
+#define TB 4                                   /* tokens per register tile: the forward's projection */
+#define TBB 6                                  /* and the backward's dx (12 accumulators) */
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads and stores */
+INLINE v8 ld8(const float *p) { return *(const v8u *)p; }
+INLINE void st8(float *p, const v8 v) { *(v8u *)p = v; }
+INLINE v8 bc8(const float a) { return (v8){a, a, a, a, a, a, a, a}; }
 
 /* n as a constant where it is a common one: the body below unrolls over the streams */
 #define DISPATCH_N(body)     \
@@ -27,8 +44,7 @@ Every sum runs in a fixed order, so results do not depend on the thread count.
     default: body(n); break; \
   }
 
-/* o[d] = sum_i w[i] rows[i][d] for n rows of D floats (the rows in L1; with n constant each row element is loaded
-   once per D-vector) */
+/* o[d] = sum_i w[i] rows[i][d] for n rows of D floats (with n constant each row element is loaded once per D-vector) */
 INLINE void weighted_sum(float *restrict o, const float *restrict w, const float *restrict rows, const long n,
                          const long D) {
 #pragma omp simd
@@ -37,40 +53,6 @@ INLINE void weighted_sum(float *restrict o, const float *restrict w, const float
     for (long i = 0; i < n; i++) a += w[i] * rows[i * D + d];
     o[d] = a;
   }
-}
-
-/* h = pre x, xr = res x:  h[t] = sum_i pre[t,i] x[t,i];  xr[t,j] = sum_i res[t,j,i] x[t,i] */
-INLINE void mix_token(const float *restrict xt, const float *restrict p, const float *restrict r,
-                      float *restrict ht, float *restrict xo, const long n, const long D) {
-  weighted_sum(ht, p, xt, n, D);
-  for (long j = 0; j < n; j++) weighted_sum(xo + j * D, r + j * n, xt, n, D);
-}
-
-void hc_mix(const float *restrict x, const float *restrict pre, const float *restrict res, float *restrict h,
-            float *restrict xr, long N, long n, long D) {
-#define BODY(NN)                                                                                \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++)                     \
-      mix_token(x + t * (NN) * D, pre + t * (NN), res + t * (NN) * (NN), h + t * D, xr + t * (NN) * D, NN, D)
-  DISPATCH_N(BODY)
-#undef BODY
-}
-
-/* in place: xr[t,i] += post[t,i] y[t] */
-INLINE void write_token(float *restrict xo, const float *restrict p, const float *restrict yt, const long n,
-                        const long D) {
-#pragma omp simd
-  for (long d = 0; d < D; d++) {
-    const float yd = yt[d];
-    for (long i = 0; i < n; i++) xo[i * D + d] += p[i] * yd;
-  }
-}
-
-void hc_write(float *restrict xr, const float *restrict post, const float *restrict y, long N, long n, long D) {
-#define BODY(NN) \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++) \
-      write_token(xr + t * (NN) * D, post + t * (NN), y + t * D, NN, D)
-  DISPATCH_N(BODY)
-#undef BODY
 }
 
 /* out[k] = <a[k], b> over D floats for k < m, four at a time: four independent sums per loop hide the latency of
@@ -98,7 +80,25 @@ INLINE void dots(const float *const *a, long m, const float *restrict b, float *
   }
 }
 
-#define MAX_N 16 /* streams supported by the kernels (cext.MAX_STREAMS; cext.fits checks it) */
+/* ---------------------------------------------------------------------------------------------- the write-back */
+
+/* in place: xr[t,i] += post[t,i] y[t] */
+INLINE void write_token(float *restrict xo, const float *restrict p, const float *restrict yt, const long n,
+                        const long D) {
+#pragma omp simd
+  for (long d = 0; d < D; d++) {
+    const float yd = yt[d];
+    for (long i = 0; i < n; i++) xo[i * D + d] += p[i] * yd;
+  }
+}
+
+void hc_write(float *restrict xr, const float *restrict post, const float *restrict y, long N, long n, long D) {
+#define BODY(NN) \
+  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++) \
+      write_token(xr + t * (NN) * D, post + t * (NN), y + t * D, NN, D)
+  DISPATCH_N(BODY)
+#undef BODY
+}
 
 /* the write-back's backward, one read of g: dpost[t,i] = <g[t,i], y[t]>;  dy[t] = sum_i post[t,i] g[t,i] */
 INLINE void write_bwd_token(const float *restrict gt, const float *restrict p, const float *restrict yt,
@@ -118,80 +118,10 @@ void hc_write_bwd(const float *restrict g, const float *restrict post, const flo
 #undef BODY
 }
 
-/* the mixing's backward, one read of x and g_r:
-     dx[t,i] = sum_j res[t,j,i] g_r[t,j] + pre[t,i] g_h[t]  (+ coef[t] x[t,i] + dx[t,i] as it is, for _into)
-     dpre[t,i] = <g_h[t], x[t,i]>,   dres[t,j,i] = <g_r[t,j], x[t,i]>   */
-INLINE void mix_dx_token(const float *restrict xt, const float *restrict p, const float *restrict r,
-                         const float *restrict ght, const float *restrict gt, const float coef, float *restrict dxt,
-                         const int accumulate, const long n, const long D) {
-#pragma omp simd
-  for (long d = 0; d < D; d++) {
-    const float gh = ght[d];
-    for (long i = 0; i < n; i++) {
-      float s = p[i] * gh + coef * xt[i * D + d];
-      for (long j = 0; j < n; j++) s += r[j * n + i] * gt[j * D + d];
-      dxt[i * D + d] = accumulate ? dxt[i * D + d] + s : s;
-    }
-  }
-}
-
-INLINE void mix_dots_token(const float *restrict xt, const float *restrict ght, const float *restrict gt,
-                           float *restrict dp, float *restrict dr, const long n, const long D) {
-  const float *rows[MAX_N + 1]; /* g_h, then g_r's rows: all dotted with x[t,i] */
-  float out[MAX_N + 1];
-  rows[0] = ght;
-  for (long j = 0; j < n; j++) rows[1 + j] = gt + j * D;
-  for (long i = 0; i < n; i++) {
-    dots(rows, n + 1, xt + i * D, out, D);
-    dp[i] = out[0];
-    for (long j = 0; j < n; j++) dr[j * n + i] = out[1 + j];
-  }
-}
-
-void hc_mix_bwd(const float *restrict x, const float *restrict pre, const float *restrict res,
-                const float *restrict gh, const float *restrict gr, float *restrict dx, float *restrict dpre,
-                float *restrict dres, long N, long n, long D) {
-#define BODY(NN)                                                                                                  \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++) {                                     \
-    mix_dx_token(x + t * (NN) * D, pre + t * (NN), res + t * (NN) * (NN), gh + t * D, gr + t * (NN) * D, 0.0f,    \
-                 dx + t * (NN) * D, 0, NN, D);                                                                    \
-    mix_dots_token(x + t * (NN) * D, gh + t * D, gr + t * (NN) * D, dpre + t * (NN), dres + t * (NN) * (NN), NN, \
-                   D); /* the rows still in L1 */                                                                 \
-  }
-  DISPATCH_N(BODY)
-#undef BODY
-}
-
-/* The two halves, for an HC whose norm-projection backward forms dx (r1/model/hc.py, _Link): the dots first
-   (dpre, dres feed the maps' backward), then dx += the mixing's terms + coef x, into the projection's dx. */
-void hc_mix_dots(const float *restrict x, const float *restrict gh, const float *restrict gr, float *restrict dpre,
-                 float *restrict dres, long N, long n, long D) {
-#define BODY(NN)                                                                                           \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++)                                \
-      mix_dots_token(x + t * (NN) * D, gh + t * D, gr + t * (NN) * D, dpre + t * (NN), dres + t * (NN) * (NN), \
-                     NN, D)
-  DISPATCH_N(BODY)
-#undef BODY
-}
-
-void hc_mix_bwd_into(const float *restrict x, const float *restrict pre, const float *restrict res,
-                     const float *restrict gh, const float *restrict gr, const float *restrict coef,
-                     float *restrict dx, long N, long n, long D) {
-#define BODY(NN)                                                                                                \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++)                                     \
-      mix_dx_token(x + t * (NN) * D, pre + t * (NN), res + t * (NN) * (NN), gh + t * D, gr + t * (NN) * D, coef[t], \
-                   dx + t * (NN) * D, 1, NN, D)
-  DISPATCH_N(BODY)
-#undef BODY
-}
-
 /* ---------------------------------------------------------------------------------------------------------------
-   The maps H from their logits z [M, N] (tokens last; rows: n of H_pre, n of H_post, n*n of H_res row-major),
-   written tokens first as pre [N, n], post [N, n], res [N, n, n]. iters > 0 (mHC): pre = sigmoid, post = 2 sigmoid,
-   res = Sinkhorn-Knopp(exp(.)) with `iters` iterations and the rounding, as r1.model.hc.sinkhorn does in torch;
-   iters = 0 (HC): the logits as they are. Per token the n x n matrix lives on the stack: what torch runs as ~100
-   dispatches over [n, n, N] tensors (each a few microseconds) is here one pass over the tokens. */
-#define MAX_SQ (MAX_N * MAX_N)
+   The maps H of one token from its logits z [M] (n of H_pre, n of H_post, n*n of H_res row-major). iters > 0 (mHC):
+   pre = sigmoid, post = 2 sigmoid, res = Sinkhorn-Knopp(exp(.)) with `iters` iterations and the rounding, as
+   r1.model.hc.sinkhorn does in torch; iters = 0 (HC): the logits as they are. The n x n matrix lives on the stack. */
 
 INLINE float sigmoidf_(float v) { return 1.0f / (1.0f + __builtin_expf(-v)); }
 
@@ -257,24 +187,15 @@ INLINE void sinkhorn_token(float *k, const long n, const long iters) {
 }
 
 INLINE void maps_token(const float *restrict z, float *restrict pre, float *restrict post, float *restrict res,
-                       const long t, const long N, const long n, const long iters) {
+                       const long n, const long iters) {
   float k[MAX_SQ];
   for (long i = 0; i < n; i++) {
-    const float a = z[i * N + t], b = z[(n + i) * N + t];
-    pre[t * n + i] = iters ? sigmoidf_(a) : a;
-    post[t * n + i] = iters ? 2.0f * sigmoidf_(b) : b;
+    pre[i] = iters ? sigmoidf_(z[i]) : z[i];
+    post[i] = iters ? 2.0f * sigmoidf_(z[n + i]) : z[n + i];
   }
-  for (long q = 0; q < n * n; q++) k[q] = z[(2 * n + q) * N + t];
+  for (long q = 0; q < n * n; q++) k[q] = z[2 * n + q];
   if (iters) sinkhorn_token(k, n, iters);
-  for (long q = 0; q < n * n; q++) res[t * n * n + q] = k[q];
-}
-
-void hc_maps(const float *restrict z, float *restrict pre, float *restrict post, float *restrict res, long N, long n,
-             long iters) {
-#define BODY(NN) \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++) maps_token(z, pre, post, res, t, N, NN, iters)
-  DISPATCH_N(BODY) /* n constant: the n x n matrix lives in registers, the loops unroll */
-#undef BODY
+  for (long q = 0; q < n * n; q++) res[q] = k[q];
 }
 
 /* Solve A x = b in place (A [n, n] row-major, overwritten), Gaussian elimination with partial pivoting. */
@@ -304,22 +225,21 @@ INLINE void solve_small(float *A, float *b, const long n) {
   }
 }
 
-/* The backward of hc_maps: dz [M, N] from the gradients of pre, post, res (tokens first) and the maps themselves.
+/* The maps' backward for one token: dz [M] from the gradients of pre, post, res and the maps themselves.
    mHC's Sinkhorn: the implicit-function gradient of the exact projection, as r1.model.hc._Sinkhorn.backward:
      r, c = row, column sums of P * G;  (I - P^T P + 1 1^T + ridge) beta = c - P^T r;  alpha = r - P beta
      dz = P * (G - alpha 1^T - 1 beta^T)                                                                     */
-INLINE void maps_bwd_token(const float *restrict pre, const float *restrict post, const float *restrict res,
-                           const float *restrict gpre, const float *restrict gpost, const float *restrict gres,
-                           float *restrict dz, const long t, const long N, const long n, const long iters) {
+INLINE void maps_bwd_token(const float *restrict pre, const float *restrict post, const float *restrict P,
+                           const float *restrict gpre, const float *restrict gpost, const float *restrict G,
+                           float *restrict dz, const long n, const long iters) {
   const float ridge = 10.0f * 1.1920929e-07f; /* 10 fp32 eps, as in torch */
   for (long i = 0; i < n; i++) {
-    const float s = pre[t * n + i], h = 0.5f * post[t * n + i];
-    dz[i * N + t] = iters ? gpre[t * n + i] * s * (1.0f - s) : gpre[t * n + i];
-    dz[(n + i) * N + t] = iters ? gpost[t * n + i] * 2.0f * h * (1.0f - h) : gpost[t * n + i];
+    const float s = pre[i], h = 0.5f * post[i];
+    dz[i] = iters ? gpre[i] * s * (1.0f - s) : gpre[i];
+    dz[n + i] = iters ? gpost[i] * 2.0f * h * (1.0f - h) : gpost[i];
   }
-  const float *P = res + t * n * n, *G = gres + t * n * n;
   if (!iters) {
-    for (long q = 0; q < n * n; q++) dz[(2 * n + q) * N + t] = G[q];
+    for (long q = 0; q < n * n; q++) dz[2 * n + q] = G[q];
     return;
   }
   float r[MAX_N], c[MAX_N], A[MAX_SQ], beta[MAX_N];
@@ -344,16 +264,246 @@ INLINE void maps_bwd_token(const float *restrict pre, const float *restrict post
   for (long i = 0; i < n; i++) {
     float al = r[i];
     for (long j = 0; j < n; j++) al -= P[i * n + j] * beta[j];
-    for (long j = 0; j < n; j++) dz[(2 * n + i * n + j) * N + t] = P[i * n + j] * (G[i * n + j] - al - beta[j]);
+    for (long j = 0; j < n; j++) dz[2 * n + i * n + j] = P[i * n + j] * (G[i * n + j] - al - beta[j]);
   }
 }
 
-void hc_maps_bwd(const float *restrict pre, const float *restrict post, const float *restrict res,
-                 const float *restrict gpre, const float *restrict gpost, const float *restrict gres,
-                 float *restrict dz, long N, long n, long iters) {
-#define BODY(NN)                                                                 \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++)      \
-      maps_bwd_token(pre, post, res, gpre, gpost, gres, dz, t, N, NN, iters)
+/* ---------------------------------------------------------------------------------------------------------------
+   The read side, forward (r1/model/hc.py, _FusedRead), per token t:
+     r = rsqrt(sum_k x[t,k]^2 / X + eps),  u = r x[t] w,  z = b + a u (HC: b + a tanh u),  (pre, post, res) = maps(z)
+     h[t] = sum_i pre[t,i] x[t,i],  xr[t,j] = sum_i res[t,j,i] x[t,i]                                               */
+
+/* p[i Mp + m0 + c] = sum_k xrow[i][k] w[k Mp + m0 + c] for the TB rows and the 8 VB columns from m0: TB VB
+   accumulators in registers, per k VB vector loads of w (a row of w is contiguous) and TB broadcasts of x */
+INLINE void proj_tile(const float *const *xrow, const float *restrict w, float *restrict p, const long X,
+                      const long Mp, const long m0, const int VB) {
+  v8 acc[TB][3];
+  for (int i = 0; i < TB; i++)
+    for (int j = 0; j < VB; j++) acc[i][j] = bc8(0.0f);
+  for (long k = 0; k < X; k++) {
+    v8 wv[3];
+    for (int j = 0; j < VB; j++) wv[j] = ld8(w + k * Mp + m0 + 8 * j);
+    for (int i = 0; i < TB; i++) {
+      const v8 bx = bc8(xrow[i][k]);
+      for (int j = 0; j < VB; j++) acc[i][j] += bx * wv[j];
+    }
+  }
+  for (int i = 0; i < TB; i++)
+    for (int j = 0; j < VB; j++) st8(p + i * Mp + m0 + 8 * j, acc[i][j]);
+}
+
+INLINE float sumsq(const float *restrict v, const long X) {
+  v8 acc[4] = {bc8(0.0f), bc8(0.0f), bc8(0.0f), bc8(0.0f)}; /* four sums in flight: the adds' latency */
+  long k = 0;
+  for (; k + 32 <= X; k += 32)
+    for (int q = 0; q < 4; q++) {
+      const v8 e = ld8(v + k + 8 * q);
+      acc[q] += e * e;
+    }
+  for (; k + 8 <= X; k += 8) {
+    const v8 e = ld8(v + k);
+    acc[0] += e * e;
+  }
+  const v8 s8 = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  float s = 0.0f;
+  for (int l = 0; l < 8; l++) s += s8[l];
+  for (; k < X; k++) s += v[k] * v[k];
+  return s;
+}
+
+/* h = sum_i pre[i] x[i],  xr[j] = sum_i res[j,i] x[i] for one token, in one pass over its rows (each x element
+   loaded once, all n + 1 outputs formed from registers; D % 8 == 0) */
+INLINE void mix_token(const float *restrict xt, const float *restrict pre, const float *restrict res,
+                      float *restrict ht, float *restrict xo, const long n, const long D) {
+  for (long d = 0; d < D; d += 8) {
+    v8 xi[MAX_N], a = bc8(0.0f);
+    for (long i = 0; i < n; i++) {
+      xi[i] = ld8(xt + i * D + d);
+      a += bc8(pre[i]) * xi[i];
+    }
+    st8(ht + d, a);
+    for (long j = 0; j < n; j++) {
+      v8 s = bc8(0.0f);
+      for (long i = 0; i < n; i++) s += bc8(res[j * n + i]) * xi[i];
+      st8(xo + j * D + d, s);
+    }
+  }
+}
+
+INLINE void read_fwd_block(const float *restrict x, const float *restrict w, const float *restrict b,
+                           const float *restrict a, float *restrict h, float *restrict xr, float *restrict pre,
+                           float *restrict post, float *restrict res, float *restrict u, float *restrict r,
+                           const float eps, const long t0, const long N, const long n, const long D,
+                           const long iters) {
+  const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
+  const float *xrow[TB];
+  for (int i = 0; i < TB; i++) xrow[i] = x + (t0 + i < N ? t0 + i : N - 1) * X; /* past N: a row again, not stored */
+  float p[TB * MAX_MP];
+  long m0 = 0;
+  for (; m0 + 24 <= Mp; m0 += 24) proj_tile(xrow, w, p, X, Mp, m0, 3);
+  if (Mp - m0 == 16) proj_tile(xrow, w, p, X, Mp, m0, 2);
+  if (Mp - m0 == 8) proj_tile(xrow, w, p, X, Mp, m0, 1);
+  for (long i = 0; i < TB && t0 + i < N; i++) {
+    const long t = t0 + i;
+    const float rt = 1.0f / sqrtf(sumsq(xrow[i], X) / (float)X + eps);
+    float z[MAX_MP];
+    r[t] = rt;
+    for (long m = 0; m < Mp; m++) {
+      const float v = m < M ? p[i * Mp + m] * rt : 0.0f;
+      u[t * Mp + m] = v;
+      z[m] = m < M ? b[m] + a[m] * (iters ? v : tanhf(v)) : 0.0f;
+    }
+    maps_token(z, pre + t * n, post + t * n, res + t * n * n, n, iters);
+    mix_token(xrow[i], pre + t * n, res + t * n * n, h + t * D, xr + t * n * D, n, D); /* rows in L1/L2 still */
+  }
+}
+
+void hc_read_fwd(const float *restrict x, const float *restrict w, const float *restrict b, const float *restrict a,
+                 float *restrict h, float *restrict xr, float *restrict pre, float *restrict post,
+                 float *restrict res, float *restrict u, float *restrict r, const float eps, long N, long n, long D,
+                 long iters) {
+#define BODY(NN)                                                                                                   \
+  _Pragma("omp parallel for schedule(static)") for (long t0 = 0; t0 < N; t0 += TB)                                \
+      read_fwd_block(x, w, b, a, h, xr, pre, post, res, u, r, eps, t0, N, NN, D, iters)
   DISPATCH_N(BODY)
 #undef BODY
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+   The read side, backward, per token t (g_h, g_r, g_post: the gradients of h, xr, post; dx formed once):
+     dpre[i] = <g_h, x[t,i]>,  dres[j,i] = <g_r[t,j], x[t,i]>,  dz = maps' backward (dpre, g_post, dres)
+     g_u = a dz (HC: a dz (1 - tanh^2 u)),  gp = r g_u,  coef = -(r^2 / X) sum_m g_u[m] u[m]
+     dx[t,i] = sum_m gp[m] w[i,:,m] + pre[t,i] g_h[t] + sum_j res[t,j,i] g_r[t,j] + coef x[t,i]
+   The projection's term is a TBB x 16 register tile over the M rows of w, which hc_read_bwd first packs into wp in
+   8-column panels (wp[k/8][m][8]: each panel's M x 8 floats contiguous; the rows of w^T lie X floats apart, and
+   24 such streams alias in L1). db = sum_t dz, da = sum_t dz u (or tanh u) and dw = x^T gp are left to the caller
+   (torch's sums; hc_proj_wgrad), so that no sum depends on the thread count.                                     */
+
+INLINE void dx_tile(const float *restrict wp, const float *restrict g, const float *restrict coef,
+                    const float *restrict x, const float *restrict pre, const float *restrict res,
+                    const float *restrict gh, const float *restrict gr, float *restrict dx, const long t0,
+                    const long N, const long k0, const long n, const long D, const long M, const long Mp,
+                    const int KV) {
+  const long X = n * D;
+  v8 acc[TBB][2];
+  for (int i = 0; i < TBB; i++)
+    for (int j = 0; j < KV; j++) acc[i][j] = bc8(0.0f);
+  for (long m = 0; m < M; m++) {
+    v8 wv[2];
+    for (int j = 0; j < KV; j++) wv[j] = ld8(wp + ((k0 / 8 + j) * M + m) * 8);
+    for (int i = 0; i < TBB; i++) {
+      const v8 bg = bc8(g[i * Mp + m]);
+      for (int j = 0; j < KV; j++) acc[i][j] += bg * wv[j];
+    }
+  }
+  for (long i = 0; i < TBB && t0 + i < N; i++) {
+    const long t = t0 + i;
+    for (int j = 0; j < KV; j++) {
+      const long k = k0 + 8 * j, s = k / D, d = k - s * D; /* stream s, offset d: D % 8 == 0, no straddling */
+      v8 v = acc[i][j] + bc8(pre[t * n + s]) * ld8(gh + t * D + d) + bc8(coef[i]) * ld8(x + t * X + k);
+      for (long q = 0; q < n; q++) v += bc8(res[(t * n + q) * n + s]) * ld8(gr + t * X + q * D + d);
+      st8(dx + t * X + k, v);
+    }
+  }
+}
+
+INLINE void read_bwd_block(const float *restrict x, const float *restrict wp, const float *restrict r,
+                           const float *restrict u, const float *restrict pre, const float *restrict post,
+                           const float *restrict res, const float *restrict a, const float *restrict gh,
+                           const float *restrict gr, const float *restrict gpost, float *restrict dx,
+                           float *restrict dz, float *restrict gp, const long t0, const long N, const long n,
+                           const long D, const long iters) {
+  const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
+  float g[TBB * MAX_MP], coef[TBB];
+  for (long i = 0; i < TBB; i++) {
+    const long t = t0 + i;
+    if (t >= N) { /* a row past the end: no gradient, nothing stored */
+      for (long m = 0; m < Mp; m++) g[i * Mp + m] = 0.0f;
+      coef[i] = 0.0f;
+      continue;
+    }
+    const float *xt = x + t * X;
+    const float *rows[MAX_N + 1]; /* g_h, then g_r's rows: all dotted with x[t,i] */
+    float dpre[MAX_N], dres[MAX_SQ], out[MAX_N + 1], dzt[MAX_MP];
+    rows[0] = gh + t * D;
+    for (long j = 0; j < n; j++) rows[1 + j] = gr + t * X + j * D;
+    for (long s = 0; s < n; s++) {
+      dots(rows, n + 1, xt + s * D, out, D);
+      dpre[s] = out[0];
+      for (long j = 0; j < n; j++) dres[j * n + s] = out[1 + j];
+    }
+    maps_bwd_token(pre + t * n, post + t * n, res + t * n * n, dpre, gpost + t * n, dres, dzt, n, iters);
+    const float rt = r[t];
+    float s = 0.0f;
+    for (long m = 0; m < Mp; m++) {
+      float gu = 0.0f;
+      if (m < M) {
+        const float v = u[t * Mp + m], th = iters ? 0.0f : tanhf(v);
+        gu = a[m] * dzt[m] * (iters ? 1.0f : 1.0f - th * th);
+        s += gu * v;
+      }
+      dz[t * Mp + m] = m < M ? dzt[m] : 0.0f;
+      g[i * Mp + m] = gp[t * Mp + m] = gu * rt;
+    }
+    coef[i] = -rt * rt * s / (float)X;
+  }
+  long k0 = 0;
+  for (; k0 + 16 <= X; k0 += 16) dx_tile(wp, g, coef, x, pre, res, gh, gr, dx, t0, N, k0, n, D, M, Mp, 2);
+  if (k0 < X) dx_tile(wp, g, coef, x, pre, res, gh, gr, dx, t0, N, k0, n, D, M, Mp, 1);
+}
+
+void hc_read_bwd(const float *restrict x, const float *restrict w, float *restrict wp, const float *restrict r,
+                 const float *restrict u, const float *restrict pre, const float *restrict post,
+                 const float *restrict res, const float *restrict a, const float *restrict gh,
+                 const float *restrict gr, const float *restrict gpost, float *restrict dx, float *restrict dz,
+                 float *restrict gp, long N, long n, long D, long iters) {
+  const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (long k = 0; k < X; k++) /* the panels: wp[k/8][m][k%8] = w[k][m] */
+      for (long m = 0; m < M; m++) wp[((k / 8) * M + m) * 8 + k % 8] = w[k * Mp + m];
+#define BODY(NN)                                                                                                 \
+  _Pragma("omp for schedule(static)") for (long t0 = 0; t0 < N; t0 += TBB)                                       \
+      read_bwd_block(x, wp, r, u, pre, post, res, a, gh, gr, gpost, dx, dz, gp, t0, N, NN, D, iters)
+    DISPATCH_N(BODY)
+#undef BODY
+  }
+}
+
+/* dw^T[m, k] = sum_t x[t, k] gp[t, m] (dwT [Mp, X]): each thread owns 16-column panels of x (k) and sums over the
+   tokens in order, 64 at a time (those tokens' 16 columns, 4 KB, stay in L1 while the M columns of gp pass over them).
+   A 6 x 16 register tile: per token two vector loads of x and six broadcasts of gp. */
+void hc_proj_wgrad(const float *restrict x, const float *restrict gp, float *restrict dwT, long N, long X, long Mp) {
+#pragma omp parallel for schedule(static)
+  for (long c = 0; c < (X + 15) / 16; c++) { /* X % 8 == 0: the last panel may be 8 wide */
+    const long k0 = 16 * c;
+    const int KV = k0 + 16 <= X ? 2 : 1;
+    for (long m = 0; m < Mp; m++)
+      for (int j = 0; j < KV; j++) st8(dwT + m * X + k0 + 8 * j, bc8(0.0f));
+    for (long tb = 0; tb < N; tb += 64) {
+      const long te = tb + 64 < N ? tb + 64 : N;
+      for (long m0 = 0; m0 < Mp; m0 += 6) {
+        const long mb = Mp - m0 < 6 ? Mp - m0 : 6;
+        v8 acc[6][2];
+        for (long j = 0; j < mb; j++)
+          for (int q = 0; q < KV; q++) acc[j][q] = ld8(dwT + (m0 + j) * X + k0 + 8 * q);
+        if (mb == 6 && KV == 2) /* the common case, fully unrolled */
+          for (long t = tb; t < te; t++) {
+            const v8 x0 = ld8(x + t * X + k0), x1 = ld8(x + t * X + k0 + 8);
+            for (int j = 0; j < 6; j++) {
+              const v8 bg = bc8(gp[t * Mp + m0 + j]);
+              acc[j][0] += bg * x0;
+              acc[j][1] += bg * x1;
+            }
+          }
+        else
+          for (long t = tb; t < te; t++)
+            for (long j = 0; j < mb; j++)
+              for (int q = 0; q < KV; q++) acc[j][q] += bc8(gp[t * Mp + m0 + j]) * ld8(x + t * X + k0 + 8 * q);
+        for (long j = 0; j < mb; j++)
+          for (int q = 0; q < KV; q++) st8(dwT + (m0 + j) * X + k0 + 8 * q, acc[j][q]);
+      }
+    }
+  }
 }
