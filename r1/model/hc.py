@@ -189,7 +189,7 @@ class _FusedRead(torch.autograd.Function):
     def forward(ctx: object, x_BTnD: Tensor, w: Tensor, b: Tensor, a: Tensor, eps: float,
                 iters: int) -> tuple[Tensor, ...]:
         n, D = x_BTnD.shape[-2:]
-        N, X, M = x_BTnD.numel() // (n * D), n * D, w.shape[1]
+        N, M = x_BTnD.numel() // (n * D), w.shape[1]
         Mp = -(-M // 8) * 8  # the kernels' column tiles are 8 wide
         w = F.pad(w, (0, Mp - M)) if Mp != M else w.contiguous()
         h, xr = x_BTnD.new_empty(N, D), x_BTnD.new_empty(N, n, D)
