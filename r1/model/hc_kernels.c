@@ -7,9 +7,10 @@ matrices and skinny GEMMs ([N, nD] x [nD, 24], which MKL runs at a fifth of the 
 Here the read side is one pass over x forward (hc_read_fwd) and one backward (hc_read_bwd, plus hc_proj_wgrad for
 the projection's weight gradient); the write-back (xr += H_post^T y) is one pass each way.
 
-Per block of TB tokens, the rows (a few KB each) stay in L1/L2 while every output that needs them is formed:
-the projection as a TB x 24 register tile (vector loads of W, broadcasts of x), then per token the norm, the maps
-on the stack and the mixing. Vectors are GCC's vector extensions (8 floats; AVX2 with -march=native, and whatever
+Per block of 8 tokens, the rows (a few KB each) stay in L1/L2 while every output that needs them is formed:
+the projection as 4 x 24 register tiles (vector loads of W, broadcasts of x), the norm, the maps of the 8 tokens
+side by side in vector lanes (Sinkhorn's chain of dependent divisions is latency-bound one token at a time), and
+per token the mixing. Vectors are GCC's vector extensions (8 floats; AVX2 with -march=native, and whatever
 the target has elsewhere); the build contracts a * b + c into FMAs (-ffp-contract=fast). The bodies are inlined
 with n a compile-time constant for n = 2, 4, 8 (the loops over the streams unroll); other n run the same code with
 n as a variable (correct, slower). Tokens are split over torch's OpenMP threads (the library links the libgomp
@@ -125,77 +126,94 @@ void hc_write_bwd(const float *restrict g, const float *restrict post, const flo
 
 INLINE float sigmoidf_(float v) { return 1.0f / (1.0f + __builtin_expf(-v)); }
 
-INLINE void sinkhorn_token(float *k, const long n, const long iters) {
-  /* k [n, n] row-major (i: row, j: column). The first step in the log domain: log_softmax over j, softmax over i */
+#define LN 8 /* tokens whose maps run side by side, one per vector lane */
+#define LANES for (int l = 0; l < LN; l++) /* the lane loop: GCC vectorises it (fixed count, contiguous) */
+
+/* Sinkhorn for LN tokens at once: k[q][l] is entry q (row-major [n, n]) of token l. Per token the same map as
+   r1.model.hc.sinkhorn: a log-domain row and column normalisation, iters - 1 plain iterations, the rounding. Why
+   lanes: one token's iterations are a chain of dependent adds and divisions (latency-bound, ~2 us a token); eight
+   tokens side by side fill the vector units. zc: the logits, for the rare column the fast first step cannot do. */
+INLINE void sinkhorn_lanes(float (*restrict k)[LN], const long n, const long iters) {
+  float zc[MAX_SQ][LN], mx[MAX_N][LN], sr[MAX_N][LN], s[LN];
+  /* rows: exp(log_softmax_j z) = e / sum_j e with e = exp(z - max_j z) in (0, 1] */
   for (long i = 0; i < n; i++) {
-    float mx = k[i * n];
-    for (long j = 1; j < n; j++) mx = k[i * n + j] > mx ? k[i * n + j] : mx;
-    float s = 0.0f;
-    for (long j = 0; j < n; j++) s += __builtin_expf(k[i * n + j] - mx);
-    const float lse = mx + __builtin_logf(s);
-    for (long j = 0; j < n; j++) k[i * n + j] -= lse;
+    LANES mx[i][l] = k[i * n][l];
+    for (long j = 1; j < n; j++) LANES mx[i][l] = fmaxf(mx[i][l], k[i * n + j][l]);
+    LANES sr[i][l] = 0.0f;
+    for (long j = 0; j < n; j++)
+      for (int l = 0; l < LN; l++) {
+        zc[i * n + j][l] = k[i * n + j][l];
+        sr[i][l] += (k[i * n + j][l] = expf(k[i * n + j][l] - mx[i][l]));
+      }
+    for (long j = 0; j < n; j++) LANES k[i * n + j][l] /= sr[i][l];
   }
+  /* columns: softmax over i of the log_softmax above = k / sum_i k, the same number as torch's exp(L - max_i L) /
+     sum, unless every entry of the column underflowed: then in the log domain, L = z - max_j z - log sum_j e */
   for (long j = 0; j < n; j++) {
-    float mx = k[j];
-    for (long i = 1; i < n; i++) mx = k[i * n + j] > mx ? k[i * n + j] : mx;
-    float s = 0.0f;
-    for (long i = 0; i < n; i++) s += (k[i * n + j] = __builtin_expf(k[i * n + j] - mx));
-    for (long i = 0; i < n; i++) k[i * n + j] /= s;
+    LANES s[l] = 0.0f;
+    for (long i = 0; i < n; i++) LANES s[l] += k[i * n + j][l];
+    for (int l = 0; l < LN; l++)
+      if (!(s[l] >= 1e-30f)) {
+        float L[MAX_N], top = -INFINITY, t = 0.0f;
+        for (long i = 0; i < n; i++) top = fmaxf(top, L[i] = zc[i * n + j][l] - mx[i][l] - logf(sr[i][l]));
+        for (long i = 0; i < n; i++) t += (k[i * n + j][l] = expf(L[i] - top));
+        s[l] = t;
+      }
+    for (long i = 0; i < n; i++) LANES k[i * n + j][l] /= s[l];
   }
   for (long it = 1; it < iters; it++) { /* times the reciprocal: one division a row / column (torch: n), ~1 ulp */
     for (long i = 0; i < n; i++) {
-      float s = 0.0f;
-      for (long j = 0; j < n; j++) s += k[i * n + j];
-      const float inv = 1.0f / s;
-      for (long j = 0; j < n; j++) k[i * n + j] *= inv;
+      LANES s[l] = 0.0f;
+      for (long j = 0; j < n; j++) LANES s[l] += k[i * n + j][l];
+      LANES s[l] = 1.0f / s[l];
+      for (long j = 0; j < n; j++) LANES k[i * n + j][l] *= s[l];
     }
     for (long j = 0; j < n; j++) {
-      float s = 0.0f;
-      for (long i = 0; i < n; i++) s += k[i * n + j];
-      const float inv = 1.0f / s;
-      for (long i = 0; i < n; i++) k[i * n + j] *= inv;
+      LANES s[l] = 0.0f;
+      for (long i = 0; i < n; i++) LANES s[l] += k[i * n + j][l];
+      LANES s[l] = 1.0f / s[l];
+      for (long i = 0; i < n; i++) LANES k[i * n + j][l] *= s[l];
     }
   }
   /* the rounding (Altschuler, Weed, Rigollet 2017, Alg. 2): exactly doubly stochastic */
-  float r[MAX_N], c[MAX_N], rs = 0.0f;
+  float r[MAX_N][LN], c[MAX_N][LN], rs[LN];
   for (long i = 0; i < n; i++) {
-    float s = 0.0f;
-    for (long j = 0; j < n; j++) s += k[i * n + j];
-    s = s > 1.0f ? s : 1.0f;
-    for (long j = 0; j < n; j++) k[i * n + j] /= s;
+    LANES s[l] = 0.0f;
+    for (long j = 0; j < n; j++) LANES s[l] += k[i * n + j][l];
+    LANES s[l] = fmaxf(s[l], 1.0f);
+    for (long j = 0; j < n; j++) LANES k[i * n + j][l] /= s[l];
   }
   for (long j = 0; j < n; j++) {
-    float s = 0.0f;
-    for (long i = 0; i < n; i++) s += k[i * n + j];
-    s = s > 1.0f ? s : 1.0f;
-    for (long i = 0; i < n; i++) k[i * n + j] /= s;
+    LANES s[l] = 0.0f;
+    for (long i = 0; i < n; i++) LANES s[l] += k[i * n + j][l];
+    LANES s[l] = fmaxf(s[l], 1.0f);
+    for (long i = 0; i < n; i++) LANES k[i * n + j][l] /= s[l];
   }
+  LANES rs[l] = 0.0f;
   for (long i = 0; i < n; i++) {
-    float s = 0.0f;
-    for (long j = 0; j < n; j++) s += k[i * n + j];
-    r[i] = 1.0f - s > 0.0f ? 1.0f - s : 0.0f;
-    rs += r[i];
+    LANES s[l] = 0.0f;
+    for (long j = 0; j < n; j++) LANES s[l] += k[i * n + j][l];
+    LANES r[i][l] = fmaxf(1.0f - s[l], 0.0f);
+    LANES rs[l] += r[i][l];
   }
   for (long j = 0; j < n; j++) {
-    float s = 0.0f;
-    for (long i = 0; i < n; i++) s += k[i * n + j];
-    c[j] = 1.0f - s > 0.0f ? 1.0f - s : 0.0f;
+    LANES s[l] = 0.0f;
+    for (long i = 0; i < n; i++) LANES s[l] += k[i * n + j][l];
+    LANES c[j][l] = fmaxf(1.0f - s[l], 0.0f);
   }
-  rs = rs > 1e-12f ? rs : 1e-12f;
+  LANES rs[l] = fmaxf(rs[l], 1e-12f);
   for (long i = 0; i < n; i++)
-    for (long j = 0; j < n; j++) k[i * n + j] += r[i] * c[j] / rs;
+    for (long j = 0; j < n; j++) LANES k[i * n + j][l] += r[i][l] * c[j][l] / rs[l];
 }
 
-INLINE void maps_token(const float *restrict z, float *restrict pre, float *restrict post, float *restrict res,
-                       const long n, const long iters) {
-  float k[MAX_SQ];
-  for (long i = 0; i < n; i++) {
-    pre[i] = iters ? sigmoidf_(z[i]) : z[i];
-    post[i] = iters ? 2.0f * sigmoidf_(z[n + i]) : z[n + i];
-  }
-  for (long q = 0; q < n * n; q++) k[q] = z[2 * n + q];
-  if (iters) sinkhorn_token(k, n, iters);
-  for (long q = 0; q < n * n; q++) res[q] = k[q];
+/* The maps for LN tokens, in place: z[m][l] = token l's logit m (n of H_pre, n of H_post, n*n of H_res row-major)
+   on entry, its H on return. iters > 0 (mHC): pre = sigmoid, post = 2 sigmoid, res = Sinkhorn-Knopp(exp(.)) with
+   `iters` iterations and the rounding, as r1.model.hc.sinkhorn does in torch; iters = 0 (HC): the logits as they are. */
+INLINE void maps_lanes(float (*restrict z)[LN], const long n, const long iters) {
+  if (!iters) return;
+  for (long i = 0; i < n; i++) LANES z[i][l] = sigmoidf_(z[i][l]);
+  for (long i = n; i < 2 * n; i++) LANES z[i][l] = 2.0f * sigmoidf_(z[i][l]);
+  sinkhorn_lanes(z + 2 * n, n, iters);
 }
 
 /* Solve A x = b in place (A [n, n] row-major, overwritten), Gaussian elimination with partial pivoting. */
@@ -336,24 +354,32 @@ INLINE void read_fwd_block(const float *restrict x, const float *restrict w, con
                            const float eps, const long t0, const long N, const long n, const long D,
                            const long iters) {
   const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
-  const float *xrow[TB];
-  for (int i = 0; i < TB; i++) xrow[i] = x + (t0 + i < N ? t0 + i : N - 1) * X; /* past N: a row again, not stored */
-  float p[TB * MAX_MP];
-  long m0 = 0;
-  for (; m0 + 24 <= Mp; m0 += 24) proj_tile(xrow, w, p, X, Mp, m0, 3);
-  if (Mp - m0 == 16) proj_tile(xrow, w, p, X, Mp, m0, 2);
-  if (Mp - m0 == 8) proj_tile(xrow, w, p, X, Mp, m0, 1);
-  for (long i = 0; i < TB && t0 + i < N; i++) {
-    const long t = t0 + i;
+  const float *xrow[LN];
+  for (int i = 0; i < LN; i++) xrow[i] = x + (t0 + i < N ? t0 + i : N - 1) * X; /* past N: a row again, not stored */
+  float p[LN * MAX_MP], z[MAX_MP][LN];
+  for (int half = 0; half < LN; half += TB) {
+    long m0 = 0;
+    for (; m0 + 24 <= Mp; m0 += 24) proj_tile(xrow + half, w, p + half * Mp, X, Mp, m0, 3);
+    if (Mp - m0 == 16) proj_tile(xrow + half, w, p + half * Mp, X, Mp, m0, 2);
+    if (Mp - m0 == 8) proj_tile(xrow + half, w, p + half * Mp, X, Mp, m0, 1);
+  }
+  for (int i = 0; i < LN; i++) {
     const float rt = 1.0f / sqrtf(sumsq(xrow[i], X) / (float)X + eps);
-    float z[MAX_MP];
-    r[t] = rt;
-    for (long m = 0; m < Mp; m++) {
-      const float v = m < M ? p[i * Mp + m] * rt : 0.0f;
-      u[t * Mp + m] = v;
-      z[m] = m < M ? b[m] + a[m] * (iters ? v : tanhf(v)) : 0.0f;
+    for (long m = 0; m < M; m++) {
+      const float v = p[i * Mp + m] * rt;
+      if (t0 + i < N) u[(t0 + i) * Mp + m] = v;
+      z[m][i] = b[m] + a[m] * (iters ? v : tanhf(v));
     }
-    maps_token(z, pre + t * n, post + t * n, res + t * n * n, n, iters);
+    if (t0 + i < N) {
+      r[t0 + i] = rt;
+      for (long m = M; m < Mp; m++) u[(t0 + i) * Mp + m] = 0.0f;
+    }
+  }
+  maps_lanes(z, n, iters);
+  for (long i = 0; i < LN && t0 + i < N; i++) {
+    const long t = t0 + i;
+    for (long q = 0; q < n; q++) pre[t * n + q] = z[q][i], post[t * n + q] = z[n + q][i];
+    for (long q = 0; q < n * n; q++) res[t * n * n + q] = z[2 * n + q][i];
     mix_token(xrow[i], pre + t * n, res + t * n * n, h + t * D, xr + t * n * D, n, D); /* rows in L1/L2 still */
   }
 }
@@ -363,7 +389,7 @@ void hc_read_fwd(const float *restrict x, const float *restrict w, const float *
                  float *restrict res, float *restrict u, float *restrict r, const float eps, long N, long n, long D,
                  long iters) {
 #define BODY(NN)                                                                                                   \
-  _Pragma("omp parallel for schedule(static)") for (long t0 = 0; t0 < N; t0 += TB)                                \
+  _Pragma("omp parallel for schedule(static)") for (long t0 = 0; t0 < N; t0 += LN)                                \
       read_fwd_block(x, w, b, a, h, xr, pre, post, res, u, r, eps, t0, N, NN, D, iters)
   DISPATCH_N(BODY)
 #undef BODY
