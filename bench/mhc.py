@@ -6,7 +6,8 @@ loss is ln 4 = 1.386; a model that has learnt nothing sits at ln 512 = 6.24). Ad
 The three models step in turn, rotating the order each step, so that load on the machine hits all
 alike; ms/step is the median over the steps after the first 3, and the overhead the median over those steps of
 the paired ratio (a mode's step time over the standard model's in the same round: this VM's speed drifts by tens
-of percent within a minute, which the ratio of two medians taken over different moments picks up). Reports the final loss (mean of the last
+of percent within a minute, which the ratio of two medians taken over different moments picks up).
+Reports the final loss (mean of the last
 5 steps), the largest composite forward / backward gain of H_res seen over training (hc_metrics), and
 mhc's / hc's step-time overhead over standard.
 Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N] [--hidden 256] [--gemm auto|onednn|torch]
@@ -92,8 +93,8 @@ def main() -> None:
     ms = {m: statistics.median(times[m][3:]) * 1e3 for m in MODES}
     rows = {m: {"final_loss": statistics.mean(losses[m][-5:]), "first_loss": losses[m][0],
                 "max_forward_gain": gains[m][0], "max_backward_gain": gains[m][1], "ms_per_step": ms[m],
-                "overhead": statistics.median(t / s for t, s in zip(times[m][3:], times["standard"][3:], strict=True)) - 1}
-            for m in MODES}
+                "overhead": statistics.median(t / s for t, s in zip(times[m][3:], times["standard"][3:], strict=True))
+                - 1} for m in MODES}
     print(f"{args.steps} steps, batch {args.batch} x seq {args.seq}, hidden {base.hidden_size}, "
           f"{base.num_hidden_layers} layers, n = {base.hc_streams}, fp32, {torch.get_num_threads()} threads, "
           f"GEMMs: {gemm} ({args.gemm})")

@@ -177,8 +177,9 @@ class _FusedRead(torch.autograd.Function):
     """The read side of a HyperConnection on fp32 CPU streams, in C (r1/model/hc_kernels.c): x [..., n, D],
     w = norm weight * phi [n D, M], b, a [M] (biases, alphas per row of z; M = 2n + n^2) ->
         r = rsqrt(mean(x^2) + eps),  u = r x w,  z = b + a u  (HC: b + a tanh u),  (H_pre, H_post, H_res) = maps(z),
-        h = H_pre x [N, D],  xr = H_res x [N, n, D]
-    returned as (h, xr, H_pre, H_post, H_res); H_pre and H_res go on only as metrics (no gradient). The maps are
+        h = H_pre x [N, D],  xr: a buffer [N, n, D] where _WriteBack forms H_res x + H_post^T y
+    returned as (h, xr, H_pre, H_post, H_res); H_pre goes on only as a metric, H_res to _WriteBack and the metrics
+    (no gradient: H_res x's gradient comes back through xr). The maps are
     mHC's (sigmoid, 2 sigmoid, Sinkhorn with `iters` iterations, the rounding and _Sinkhorn's implicit backward) or
     HC's (iters = 0), as the torch path computes them (tests/test_hc.py compares the two in fp64).
     Why: the torch path is ~10 kernels each way (the norm, three skinny GEMMs that MKL runs at a fifth of the CPU's
@@ -192,10 +193,11 @@ class _FusedRead(torch.autograd.Function):
         N, M = x_BTnD.numel() // (n * D), w.shape[1]
         Mp = -(-M // 8) * 8  # the kernels' column tiles are 8 wide
         w = F.pad(w, (0, Mp - M)) if Mp != M else w.contiguous()
-        h, xr = x_BTnD.new_empty(N, D), x_BTnD.new_empty(N, n, D)
+        h = x_BTnD.new_empty(N, D)
+        xr = x_BTnD.new_empty(N, n, D)  # unwritten: _WriteBack forms H_res x + H_post^T y in it
         pre, post, res = x_BTnD.new_empty(N, n), x_BTnD.new_empty(N, n), x_BTnD.new_empty(N, n, n)
         u, r = x_BTnD.new_empty(N, Mp), x_BTnD.new_empty(N)
-        cext.call("hc_read_fwd", [x_BTnD, w, b.contiguous(), a.contiguous(), h, xr, pre, post, res, u, r],
+        cext.call("hc_read_fwd", [x_BTnD, w, b.contiguous(), a.contiguous(), h, pre, post, res, u, r],
                   eps, N, n, D, iters)
         ctx.save_for_backward(x_BTnD, w, a, r, u, pre, post, res)
         ctx.iters, ctx.M = iters, M
@@ -223,30 +225,34 @@ class _FusedRead(torch.autograd.Function):
 
 
 class _WriteBack(torch.autograd.Function):
-    """x_next = xr + H_post^T y (xr [N, n, D], H_post [N, n], y [N, D]), added into xr in place; the
-    backward passes the gradient through to xr as it is (C kernels for fp32 CPU tensors, as _ReadAndMix)."""
+    """x_next = xr + H_post^T y (xr [N, n, D], H_post [N, n], y [N, D]), written into xr in place; the backward passes
+    the gradient through to xr as it is. With x and H_res given (the C path), xr is _FusedRead's unwritten buffer and
+    H_res x is formed here: x_next = H_res x + H_post^T y in one pass over x (hc_combine), instead of writing H_res x
+    in the read and reading it back here. The gradient still reaches x and H_res through xr, as if the read had
+    formed H_res x: _FusedRead's backward takes it as g_r, so x and H_res get none from this Function."""
 
     @staticmethod
-    def forward(ctx: object, xr: Tensor, post: Tensor, y: Tensor) -> Tensor:
+    def forward(ctx: object, xr: Tensor, post: Tensor, y: Tensor, x: Tensor | None = None,
+                res: Tensor | None = None) -> Tensor:
         ctx.mark_dirty(xr)
         ctx.save_for_backward(post, y)
-        if cext.fits(xr.shape[1], xr, post, y):
-            cext.call("hc_write", [xr, post, y], *xr.shape)
+        if x is not None:
+            cext.call("hc_combine", [x, res, post, y, xr], *xr.shape)
             return xr
         return xr.baddbmm_(post.unsqueeze(-1), y.unsqueeze(-2))
 
     @staticmethod
-    def backward(ctx: object, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(ctx: object, g: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
         post, y = ctx.saved_tensors
         if cext.fits(g.shape[1], post, y):
             g = g.contiguous()  # (an expanded gradient, from a sum, is not)
             dpost, dy = torch.empty_like(post), torch.empty_like(y)
             cext.call("hc_write_bwd", [g, post, y, dpost, dy], *g.shape)
-            return g, dpost, dy
+            return g, dpost, dy, None, None
         # dH_post = y^T g^T as a row vector: bmm's matrix-vector form g y ran 8x slower ([1024, 4, 256]: 393 vs
         # 47 us); vecdot writes g * y, a fresh [N, n, D] temporary (81 us)
         return g, torch.bmm(y.unsqueeze(-2), g.transpose(1, 2)).squeeze(-2), \
-            torch.bmm(post.unsqueeze(-2), g).squeeze(-2)
+            torch.bmm(post.unsqueeze(-2), g).squeeze(-2), None, None
 
 
 def expand_streams(x_BTD: Tensor, n: int) -> Tensor:
@@ -313,7 +319,8 @@ class HyperConnection(nn.Module):
         """x_BTnD -> (H_res x + H_post^T fn(H_pre x), fn's aux output)."""
         n, dt, shape = self.n, x_BTnD.dtype, x_BTnD.shape
         w = self.norm_weight.unsqueeze(-1) * self.phi
-        if cext.fits(n, x_BTnD, w) and shape[-1] % 8 == 0:  # fp32 CPU: the read side in C (D in whole vectors)
+        fused = cext.fits(n, x_BTnD, w) and shape[-1] % 8 == 0  # fp32 CPU: the read side in C (D in whole vectors)
+        if fused:
             b = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])
             # alpha per row of z (pre, post, res): views and one cat, no index tensor built per call
             a = torch.cat([self.alpha[:1].expand(n), self.alpha[1:2].expand(n), self.alpha[2:].expand(n * n)])
@@ -328,7 +335,11 @@ class HyperConnection(nn.Module):
             self.last_post = post.reshape(-1, n).mean(0)
             self.last_res = res.reshape(-1, n, n).mean(0)
         y_BTD, aux = fn(h.view(*shape[:-2], shape[-1]))
-        x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, n), y_BTD.reshape(-1, shape[-1]))
+        y = y_BTD.reshape(-1, shape[-1])
+        if fused:  # H_res x + H_post^T y into the read's buffer, one pass over x
+            x_next = _WriteBack.apply(xr, post, y.to(dt).contiguous(), x_BTnD, res)
+        else:
+            x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, n), y)
         return x_next.view(shape), aux
 
 

@@ -5,7 +5,8 @@ rank-M projection, M = 2n + n^2, then sigmoids and Sinkhorn per token) and to mi
 backward reads it again for every gradient. torch runs that as ~10 kernels each way, batched matmuls of N tiny
 matrices and skinny GEMMs ([N, nD] x [nD, 24], which MKL runs at a fifth of the CPU's peak), each a pass over x.
 Here the read side is one pass over x forward (hc_read_fwd) and one backward (hc_read_bwd, plus hc_proj_wgrad for
-the projection's weight gradient); the write-back (xr += H_post^T y) is one pass each way.
+the projection's weight gradient); the write-back, x_next = H_res x + H_post^T y, is one pass each way (hc_combine,
+hc_write_bwd).
 
 Per block of 8 tokens, the rows (a few KB each) stay in L1/L2 while every output that needs them is formed:
 the projection as 4 x 24 register tiles (vector loads of W, broadcasts of x), the norm, the maps of the 8 tokens
@@ -17,7 +18,7 @@ n as a variable (correct, slower). Tokens are split over torch's OpenMP threads 
 torch loaded). Every sum runs in a fixed order, so results do not depend on the thread count.
 
 Layout (all fp32, contiguous, tokens first), per token t; X = n D, Mp = M rounded up to a multiple of 8:
-  x, xr, g_r, dx: [N, n, D]   h, y, g_h, dy: [N, D]   pre, post, dpre, dpost: [N, n]   res, dres: [N, n, n]
+  x, out, g_r, dx: [N, n, D]   h, y, g_h, dy: [N, D]   pre, post, dpre, dpost: [N, n]   res, dres: [N, n, n]
   w: [X, Mp] (columns past M zero)   dwT: [Mp, X]   u, dz, gp: [N, Mp]   r: [N]   b, a: [M]   wp: [X Mp] (scratch)
 */
 #include <math.h>
@@ -83,20 +84,27 @@ INLINE void dots(const float *const *a, long m, const float *restrict b, float *
 
 /* ---------------------------------------------------------------------------------------------- the write-back */
 
-/* in place: xr[t,i] += post[t,i] y[t] */
-INLINE void write_token(float *restrict xo, const float *restrict p, const float *restrict yt, const long n,
-                        const long D) {
-#pragma omp simd
-  for (long d = 0; d < D; d++) {
-    const float yd = yt[d];
-    for (long i = 0; i < n; i++) xo[i * D + d] += p[i] * yd;
+/* out[t,j] = sum_i res[t,j,i] x[t,i] + post[t,j] y[t]: the write-back with H_res x formed here, in one pass over x
+   (the read side does not write H_res x, a second n-times-wide tensor to write and read back); D % 8 == 0 */
+INLINE void combine_token(const float *restrict xt, const float *restrict res, const float *restrict post,
+                          const float *restrict yt, float *restrict out, const long n, const long D) {
+  for (long d = 0; d < D; d += 8) {
+    v8 xi[MAX_N];
+    for (long i = 0; i < n; i++) xi[i] = ld8(xt + i * D + d);
+    const v8 yv = ld8(yt + d);
+    for (long j = 0; j < n; j++) {
+      v8 s = bc8(post[j]) * yv;
+      for (long i = 0; i < n; i++) s += bc8(res[j * n + i]) * xi[i];
+      st8(out + j * D + d, s);
+    }
   }
 }
 
-void hc_write(float *restrict xr, const float *restrict post, const float *restrict y, long N, long n, long D) {
-#define BODY(NN) \
-  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++) \
-      write_token(xr + t * (NN) * D, post + t * (NN), y + t * D, NN, D)
+void hc_combine(const float *restrict x, const float *restrict res, const float *restrict post,
+                const float *restrict y, float *restrict out, long N, long n, long D) {
+#define BODY(NN)                                                                                                  \
+  _Pragma("omp parallel for schedule(static)") for (long t = 0; t < N; t++)                                       \
+      combine_token(x + t * (NN) * D, res + t * (NN) * (NN), post + t * (NN), y + t * D, out + t * (NN) * D, NN, D)
   DISPATCH_N(BODY)
 #undef BODY
 }
@@ -289,7 +297,7 @@ INLINE void maps_bwd_token(const float *restrict pre, const float *restrict post
 /* ---------------------------------------------------------------------------------------------------------------
    The read side, forward (r1/model/hc.py, _FusedRead), per token t:
      r = rsqrt(sum_k x[t,k]^2 / X + eps),  u = r x[t] w,  z = b + a u (HC: b + a tanh u),  (pre, post, res) = maps(z)
-     h[t] = sum_i pre[t,i] x[t,i],  xr[t,j] = sum_i res[t,j,i] x[t,i]                                               */
+     h[t] = sum_i pre[t,i] x[t,i]   (H_res x is formed by hc_combine, with the write-back)                         */
 
 /* p[i Mp + m0 + c] = sum_k xrow[i][k] w[k Mp + m0 + c] for the TB rows and the 8 VB columns from m0: TB VB
    accumulators in registers, per k VB vector loads of w (a row of w is contiguous) and TB broadcasts of x */
@@ -329,29 +337,9 @@ INLINE float sumsq(const float *restrict v, const long X) {
   return s;
 }
 
-/* h = sum_i pre[i] x[i],  xr[j] = sum_i res[j,i] x[i] for one token, in one pass over its rows (each x element
-   loaded once, all n + 1 outputs formed from registers; D % 8 == 0) */
-INLINE void mix_token(const float *restrict xt, const float *restrict pre, const float *restrict res,
-                      float *restrict ht, float *restrict xo, const long n, const long D) {
-  for (long d = 0; d < D; d += 8) {
-    v8 xi[MAX_N], a = bc8(0.0f);
-    for (long i = 0; i < n; i++) {
-      xi[i] = ld8(xt + i * D + d);
-      a += bc8(pre[i]) * xi[i];
-    }
-    st8(ht + d, a);
-    for (long j = 0; j < n; j++) {
-      v8 s = bc8(0.0f);
-      for (long i = 0; i < n; i++) s += bc8(res[j * n + i]) * xi[i];
-      st8(xo + j * D + d, s);
-    }
-  }
-}
-
 INLINE void read_fwd_block(const float *restrict x, const float *restrict w, const float *restrict b,
-                           const float *restrict a, float *restrict h, float *restrict xr, float *restrict pre,
-                           float *restrict post, float *restrict res, float *restrict u, float *restrict r,
-                           const float eps, const long t0, const long N, const long n, const long D,
+                           const float *restrict a, float *restrict h, float *restrict pre, float *restrict post,
+                           float *restrict res, float *restrict u, float *restrict r, const float eps, const long t0, const long N, const long n, const long D,
                            const long iters) {
   const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
   const float *xrow[LN];
@@ -380,17 +368,16 @@ INLINE void read_fwd_block(const float *restrict x, const float *restrict w, con
     const long t = t0 + i;
     for (long q = 0; q < n; q++) pre[t * n + q] = z[q][i], post[t * n + q] = z[n + q][i];
     for (long q = 0; q < n * n; q++) res[t * n * n + q] = z[2 * n + q][i];
-    mix_token(xrow[i], pre + t * n, res + t * n * n, h + t * D, xr + t * n * D, n, D); /* rows in L1/L2 still */
+    weighted_sum(h + t * D, pre + t * n, xrow[i], n, D); /* the row in L1/L2 still */
   }
 }
 
 void hc_read_fwd(const float *restrict x, const float *restrict w, const float *restrict b, const float *restrict a,
-                 float *restrict h, float *restrict xr, float *restrict pre, float *restrict post,
-                 float *restrict res, float *restrict u, float *restrict r, const float eps, long N, long n, long D,
-                 long iters) {
+                 float *restrict h, float *restrict pre, float *restrict post, float *restrict res, float *restrict u,
+                 float *restrict r, const float eps, long N, long n, long D, long iters) {
 #define BODY(NN)                                                                                                   \
   _Pragma("omp parallel for schedule(static)") for (long t0 = 0; t0 < N; t0 += LN)                                \
-      read_fwd_block(x, w, b, a, h, xr, pre, post, res, u, r, eps, t0, N, NN, D, iters)
+      read_fwd_block(x, w, b, a, h, pre, post, res, u, r, eps, t0, N, NN, D, iters)
   DISPATCH_N(BODY)
 #undef BODY
 }
