@@ -7,9 +7,8 @@ The three models step in turn, rotating the order each step, so that load on the
 alike; ms/step is the median over the steps after the first 3, and the overhead the median over those steps of
 the paired ratio (a mode's step time over the standard model's in the same round: this VM's speed drifts by tens
 of percent within a minute, which the ratio of two medians taken over different moments picks up).
-Reports the final loss (mean of the last
-5 steps), the largest composite forward / backward gain of H_res seen over training (hc_metrics), and
-mhc's / hc's step-time overhead over standard.
+Reports the final loss (mean of the last 5 steps), the largest composite forward / backward gain of H_res seen
+over training (hc_metrics), and mhc's / hc's step-time overhead over standard.
 Usage: python bench/mhc.py [--steps 40] [--batch 8] [--seq 128] [--threads N] [--hidden 256] [--gemm auto|onednn|torch]
 """
 
