@@ -409,10 +409,12 @@ INLINE void dx_tile(const float *restrict wp, const float *restrict g, const flo
       for (int j = 0; j < KV; j++) acc[i][j] += bg * wv[j];
     }
   }
+  long sj[2], dj[2]; /* vector j's stream and offset (D % 8 == 0: no straddling); divisions out of the token loop */
+  for (int j = 0; j < KV; j++) sj[j] = (k0 + 8 * j) / D, dj[j] = k0 + 8 * j - sj[j] * D;
   for (long i = 0; i < TBB && t0 + i < N; i++) {
     const long t = t0 + i;
     for (int j = 0; j < KV; j++) {
-      const long k = k0 + 8 * j, s = k / D, d = k - s * D; /* stream s, offset d: D % 8 == 0, no straddling */
+      const long k = k0 + 8 * j, s = sj[j], d = dj[j];
       v8 v = acc[i][j] + bc8(pre[t * n + s]) * ld8(gh + t * D + d) + bc8(coef[i]) * ld8(x + t * X + k);
       for (long q = 0; q < n; q++) v += bc8(res[(t * n + q) * n + s]) * ld8(gr + t * X + q * D + d);
       st8(dx + t * X + k, v);
