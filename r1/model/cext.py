@@ -34,8 +34,8 @@ MAX_STREAMS = 16  # the kernels' stack arrays (MAX_N, MAX_SQ in hc_kernels.c) ho
 _L, _F = ctypes.c_long, ctypes.c_float
 # name -> (number of tensor arguments, the scalars after them)
 SIGNATURES = {"hc_combine": (5, [_L] * 3), "hc_write_bwd": (5, [_L] * 3),  # N, n, D
-              "hc_read_fwd": (10, [_F] + [_L] * 4), "hc_read_bwd": (15, [_L] * 4),  # (eps,) N, n, D, iters
-              "hc_proj_wgrad": (3, [_L] * 3)}  # N, X, Mp
+              "hc_read_fwd": (14, [_F] + [_L] * 4), "hc_read_bwd": (19, [_L] * 4),  # (eps,) N, n, D, iters
+              "hc_proj_wgrad": (7, [_L] * 3)}  # N, n, D
 
 
 def _cpu_flags() -> str:

@@ -174,54 +174,54 @@ class _ReadAndMix(torch.autograd.Function):
 
 
 class _FusedRead(torch.autograd.Function):
-    """The read side of a HyperConnection on fp32 CPU streams, in C (r1/model/hc_kernels.c): x [..., n, D],
-    w = norm weight * phi [n D, M], b, a [M] (biases, alphas per row of z; M = 2n + n^2) ->
-        r = rsqrt(mean(x^2) + eps),  u = r x w,  z = b + a u  (HC: b + a tanh u),  (H_pre, H_post, H_res) = maps(z),
-        h = H_pre x [N, D],  xr: a buffer [N, n, D] where _WriteBack forms H_res x + H_post^T y
-    returned as (h, xr, H_pre, H_post, H_res); H_pre goes on only as a metric, H_res to _WriteBack and the metrics
-    (no gradient: H_res x's gradient comes back through xr). The maps are
+    """The read side of a HyperConnection on fp32 CPU streams, in C (r1/model/hc_kernels.c): x [..., n, D] and the
+    parameters as they are (RMSNorm weight nw [nD], phi [nD, M], b_pre, b_post, b_res, alpha; M = 2n + n^2) ->
+        r = rsqrt(mean(x^2) + eps),  u = r x (nw phi),  z = b + a u  (HC: b + a tanh u),
+        (H_pre, H_post, H_res) = maps(z),  h = H_pre x [N, D],
+        xr: a buffer [N, n, D] where _WriteBack forms H_res x + H_post^T y
+    (b, a: the biases and alphas per row of z) returned as (h, xr, H_pre, H_post, H_res); H_pre goes on only as a
+    metric, H_res to _WriteBack and the metrics (no gradient: H_res x's gradient comes back through xr). The maps are
     mHC's (sigmoid, 2 sigmoid, Sinkhorn with `iters` iterations, the rounding and _Sinkhorn's implicit backward) or
     HC's (iters = 0), as the torch path computes them (tests/test_hc.py compares the two in fp64).
     Why: the torch path is ~10 kernels each way (the norm, three skinny GEMMs that MKL runs at a fifth of the CPU's
-    peak, ~100 small ops for the maps, the batched mixing), each a pass over the n-times-wider x; the C path reads
-    x once forward (hc_read_fwd) and twice backward (hc_read_bwd forms dx in one write; hc_proj_wgrad forms dw)."""
+    peak, ~100 small ops for the maps, the batched mixing) plus the small ops that gather the parameters and split
+    their gradients; the C path reads x once forward (hc_read_fwd) and twice backward (hc_read_bwd forms dx in one
+    write and the biases' and alphas' gradients; hc_proj_wgrad forms those of phi and nw), and takes and returns
+    the parameters as they are."""
 
     @staticmethod
-    def forward(ctx: object, x_BTnD: Tensor, w: Tensor, b: Tensor, a: Tensor, eps: float,
-                iters: int) -> tuple[Tensor, ...]:
+    def forward(ctx: object, x_BTnD: Tensor, nw: Tensor, phi: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor,
+                alpha: Tensor, eps: float, iters: int) -> tuple[Tensor, ...]:
         n, D = x_BTnD.shape[-2:]
-        N, M = x_BTnD.numel() // (n * D), w.shape[1]
+        N, M = x_BTnD.numel() // (n * D), phi.shape[1]
         Mp = -(-M // 8) * 8  # the kernels' column tiles are 8 wide
-        w = F.pad(w, (0, Mp - M)) if Mp != M else w.contiguous()
         h = x_BTnD.new_empty(N, D)
         xr = x_BTnD.new_empty(N, n, D)  # unwritten: _WriteBack forms H_res x + H_post^T y in it
         pre, post, res = x_BTnD.new_empty(N, n), x_BTnD.new_empty(N, n), x_BTnD.new_empty(N, n, n)
         u, r = x_BTnD.new_empty(N, Mp), x_BTnD.new_empty(N)
-        cext.call("hc_read_fwd", [x_BTnD, w, b.contiguous(), a.contiguous(), h, pre, post, res, u, r],
-                  eps, N, n, D, iters)
-        ctx.save_for_backward(x_BTnD, w, a, r, u, pre, post, res)
-        ctx.iters, ctx.M = iters, M
+        cext.call("hc_read_fwd", [x_BTnD, nw, phi, b_pre, b_post, b_res, alpha, phi.new_empty(n * D, Mp), h, pre,
+                                  post, res, u, r], eps, N, n, D, iters)
+        ctx.save_for_backward(x_BTnD, nw, phi, alpha, r, u, pre, post, res)
+        ctx.iters = iters
         ctx.mark_non_differentiable(pre, res)
         ctx.set_materialize_grads(False)
         return h, xr, pre, post, res
 
     @staticmethod
     def backward(ctx: object, g_h: Tensor | None, g_r: Tensor | None, _g_pre: None, g_post: Tensor | None,
-                 _g_res: None) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None]:
-        x, w, a, r, u, pre, post, res = ctx.saved_tensors
+                 _g_res: None) -> tuple[Tensor | None, ...]:
+        x, nw, phi, alpha, r, u, pre, post, res = ctx.saved_tensors
         N, Mp = u.shape
         n, D = x.shape[-2:]
         g_h = x.new_zeros(N, D) if g_h is None else g_h.contiguous()
         g_r = x.new_zeros(N, n, D) if g_r is None else g_r.contiguous()
         g_post = x.new_zeros(N, n) if g_post is None else g_post.contiguous()
-        dx, dz, gp = torch.empty_like(x), u.new_empty(N, Mp), u.new_empty(N, Mp)
-        cext.call("hc_read_bwd", [x, w, torch.empty_like(w), r, u, pre, post, res, a.contiguous(), g_h, g_r, g_post,
-                                  dx, dz, gp], N, n, D, ctx.iters)
-        dw_MX = w.new_empty(Mp, n * D)
-        cext.call("hc_proj_wgrad", [x, gp, dw_MX], N, n * D, Mp)
-        M = ctx.M
-        dz, u = dz[:, :M], u[:, :M]
-        return dx, dw_MX[:M].T, dz.sum(0), (dz * (u if ctx.iters else u.tanh())).sum(0), None, None
+        dx, gp, db, dalpha = torch.empty_like(x), u.new_empty(N, Mp), u.new_empty(2 * n + n * n), u.new_empty(3)
+        cext.call("hc_read_bwd", [x, nw, phi, alpha, u.new_empty(n * D * Mp), r, u, pre, post, res, g_h, g_r, g_post,
+                                  dx, u.new_empty(N, Mp), u.new_empty(N, Mp), gp, db, dalpha], N, n, D, ctx.iters)
+        dphi, dnw = torch.empty_like(phi), torch.empty_like(nw)
+        cext.call("hc_proj_wgrad", [x, gp, nw, phi, u.new_empty(Mp, n * D), dphi, dnw], N, n, D)
+        return dx, dnw, dphi, db[:n], db[n:2 * n], db[2 * n:].view(n, n), dalpha, None, None
 
 
 class _WriteBack(torch.autograd.Function):
@@ -277,10 +277,8 @@ class HyperConnection(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(n))
         self.b_post = nn.Parameter(torch.zeros(n))
         self.b_res = nn.Parameter(torch.zeros(n, n))
-        # token means of the last forward's H (no grad), read by hc_metrics
-        self.last_pre: Tensor | None = None
-        self.last_post: Tensor | None = None
-        self.last_res: Tensor | None = None
+        # the last forward's H_pre, H_post, H_res (detached; their token means are taken only when hc_metrics asks)
+        self.last_h: tuple[Tensor, Tensor, Tensor] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -318,22 +316,17 @@ class HyperConnection(nn.Module):
     def forward(self, x_BTnD: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """x_BTnD -> (H_res x + H_post^T fn(H_pre x), fn's aux output)."""
         n, dt, shape = self.n, x_BTnD.dtype, x_BTnD.shape
-        w = self.norm_weight.unsqueeze(-1) * self.phi
-        fused = cext.fits(n, x_BTnD, w) and shape[-1] % 8 == 0  # fp32 CPU: the read side in C (D in whole vectors)
+        params = (self.norm_weight, self.phi, self.b_pre, self.b_post, self.b_res, self.alpha)
+        # fp32 CPU: the read side in C (D in whole vectors)
+        fused = cext.fits(n, x_BTnD, *params) and shape[-1] % 8 == 0
         if fused:
-            b = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])
-            # alpha per row of z (pre, post, res): views and one cat, no index tensor built per call
-            a = torch.cat([self.alpha[:1].expand(n), self.alpha[1:2].expand(n), self.alpha[2:].expand(n * n)])
-            h, xr, pre, post, res = _FusedRead.apply(x_BTnD, w, b, a, self.eps,
+            h, xr, pre, post, res = _FusedRead.apply(x_BTnD, *params, self.eps,
                                                      SINKHORN_ITERS if self.mode == "mhc" else 0)
         else:
             pre, post, res = self.weights(x_BTnD)
             pre, res = pre.to(dt).reshape(-1, n), res.to(dt).reshape(-1, n, n)
             h, xr = _ReadAndMix.apply(x_BTnD, pre, res)
-        with torch.no_grad():
-            self.last_pre = pre.reshape(-1, n).mean(0)
-            self.last_post = post.reshape(-1, n).mean(0)
-            self.last_res = res.reshape(-1, n, n).mean(0)
+        self.last_h = (pre.detach(), post.detach(), res.detach())
         y_BTD, aux = fn(h.view(*shape[:-2], shape[-1]))
         y = y_BTD.reshape(-1, shape[-1])
         if fused:  # H_res x + H_post^T y into the read's buffer, one pass over x
@@ -352,19 +345,23 @@ def hc_metrics(model: nn.Module) -> dict[str, float]:
     pre_spread / post_spread: the mean over sub-blocks of (max - min) over streams of the token-mean
     H_pre / H_post."""
     # the composite product runs over the main stack only: an MTP block starts again from merged states
-    hcs = [m for name, m in model.named_modules() if isinstance(m, HyperConnection) and m.last_res is not None]
-    main = [m for name, m in model.named_modules()
-            if isinstance(m, HyperConnection) and m.last_res is not None and not name.startswith("mtp.")]
+    hcs = [(name, m) for name, m in model.named_modules() if isinstance(m, HyperConnection) and m.last_h is not None]
     if not hcs:
         return {}
-    prod = torch.eye(hcs[0].n, device=hcs[0].last_res.device)
+    n = hcs[0][1].n
+    # token means of H_pre [.., n], H_post [.., n], H_res [.., n, n]
+    means = [(name, *(t.reshape(-1, *t.shape[t.dim() - k:]).float().mean(0)
+                      for t, k in zip(m.last_h, (1, 1, 2), strict=True))) for name, m in hcs]
+    prod = torch.eye(n, device=means[0][3].device)
     fwd, bwd = [prod.new_ones(())], [prod.new_ones(())]
-    for m in main:
-        prod = m.last_res.float() @ prod
+    for name, _, _, res in means:
+        if name.startswith("mtp."):
+            continue
+        prod = res @ prod
         fwd.append(prod.abs().sum(-1).max())
         bwd.append(prod.abs().sum(-2).max())
-    pre = torch.stack([m.last_pre.float() for m in hcs])
-    post = torch.stack([m.last_post.float() for m in hcs])
+    pre = torch.stack([m[1] for m in means])
+    post = torch.stack([m[2] for m in means])
     out = torch.stack([torch.stack(fwd).max(), torch.stack(bwd).max(), (pre.amax(-1) - pre.amin(-1)).mean(),
                        (post.amax(-1) - post.amin(-1)).mean()]).tolist()  # one device sync
     return dict(zip(("hc/forward_gain", "hc/backward_gain", "hc/pre_spread", "hc/post_spread"), out, strict=True))

@@ -19,7 +19,8 @@ torch loaded). Every sum runs in a fixed order, so results do not depend on the 
 
 Layout (all fp32, contiguous, tokens first), per token t; X = n D, Mp = M rounded up to a multiple of 8:
   x, out, g_r, dx: [N, n, D]   h, y, g_h, dy: [N, D]   pre, post, dpre, dpost: [N, n]   res, dres: [N, n, n]
-  w: [X, Mp] (columns past M zero)   dwT: [Mp, X]   u, dz, gp: [N, Mp]   r: [N]   b, a: [M]   wp: [X Mp] (scratch)
+  nw: [X]   phi, dphi: [X, M]   w = nw phi: [X, Mp] (columns past M zero)   dwT: [Mp, X]   u, dz, gp: [N, Mp]   r: [N]
+  b, a: [M] (formed from b_pre, b_post, b_res and alpha [3])   wp: [X Mp] (scratch)
 */
 #include <math.h>
 #include <stddef.h>
@@ -372,14 +373,35 @@ INLINE void read_fwd_block(const float *restrict x, const float *restrict w, con
   }
 }
 
-void hc_read_fwd(const float *restrict x, const float *restrict w, const float *restrict b, const float *restrict a,
-                 float *restrict h, float *restrict pre, float *restrict post, float *restrict res, float *restrict u,
-                 float *restrict r, const float eps, long N, long n, long D, long iters) {
-#define BODY(NN)                                                                                                   \
-  _Pragma("omp parallel for schedule(static)") for (long t0 = 0; t0 < N; t0 += LN)                                \
-      read_fwd_block(x, w, b, a, h, pre, post, res, u, r, eps, t0, N, NN, D, iters)
-  DISPATCH_N(BODY)
+/* The parameters as they are: nw [X] (the RMSNorm weight), phi [X, M], b_pre, b_post [n], b_res [n, n], alpha [3];
+   w = nw phi (padded to Mp columns, in wbuf), b and a (alpha per row of z) are formed here. */
+INLINE void bias_alpha(const float *restrict b_pre, const float *restrict b_post, const float *restrict b_res,
+                       const float *restrict alpha, float *restrict b, float *restrict a, const long n) {
+  for (long m = 0; m < 2 * n + n * n; m++) {
+    b[m] = m < n ? b_pre[m] : m < 2 * n ? b_post[m - n] : b_res[m - 2 * n];
+    a[m] = alpha[m < n ? 0 : m < 2 * n ? 1 : 2];
+  }
+}
+
+void hc_read_fwd(const float *restrict x, const float *restrict nw, const float *restrict phi,
+                 const float *restrict b_pre, const float *restrict b_post, const float *restrict b_res,
+                 const float *restrict alpha, float *restrict wbuf, float *restrict h, float *restrict pre,
+                 float *restrict post, float *restrict res, float *restrict u, float *restrict r, const float eps,
+                 long N, long n, long D, long iters) {
+  const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
+  float b[MAX_MP], a[MAX_MP];
+  bias_alpha(b_pre, b_post, b_res, alpha, b, a, n);
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (long k = 0; k < X; k++)
+      for (long m = 0; m < Mp; m++) wbuf[k * Mp + m] = m < M ? nw[k] * phi[k * M + m] : 0.0f;
+#define BODY(NN)                                                                                                 \
+  _Pragma("omp for schedule(static)") for (long t0 = 0; t0 < N; t0 += LN)                                       \
+      read_fwd_block(x, wbuf, b, a, h, pre, post, res, u, r, eps, t0, N, NN, D, iters)
+    DISPATCH_N(BODY)
 #undef BODY
+  }
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -389,8 +411,9 @@ void hc_read_fwd(const float *restrict x, const float *restrict w, const float *
      dx[t,i] = sum_m gp[m] w[i,:,m] + pre[t,i] g_h[t] + sum_j res[t,j,i] g_r[t,j] + coef x[t,i]
    The projection's term is a TBB x 16 register tile over the M rows of w, which hc_read_bwd first packs into wp in
    8-column panels (wp[k/8][m][8]: each panel's M x 8 floats contiguous; the rows of w^T lie X floats apart, and
-   24 such streams alias in L1). db = sum_t dz, da = sum_t dz u (or tanh u) and dw = x^T gp are left to the caller
-   (torch's sums; hc_proj_wgrad), so that no sum depends on the thread count.                                     */
+   24 such streams alias in L1). The sums over tokens run in token order, each on one thread, so that none depends on
+   the thread count: db = sum_t dz and da = sum_t dz u (HC: tanh u) per row of z after the token loop, and
+   dw = x^T gp in hc_proj_wgrad.                                     */
 
 INLINE void dx_tile(const float *restrict wp, const float *restrict g, const float *restrict coef,
                     const float *restrict x, const float *restrict pre, const float *restrict res,
@@ -426,8 +449,8 @@ INLINE void read_bwd_block(const float *restrict x, const float *restrict wp, co
                            const float *restrict u, const float *restrict pre, const float *restrict post,
                            const float *restrict res, const float *restrict a, const float *restrict gh,
                            const float *restrict gr, const float *restrict gpost, float *restrict dx,
-                           float *restrict dz, float *restrict gp, const long t0, const long N, const long n,
-                           const long D, const long iters) {
+                           float *restrict dz, float *restrict dzd, float *restrict gp, const long t0,
+                           const long N, const long n, const long D, const long iters) {
   const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
   float g[TBB * MAX_MP], coef[TBB];
   for (long i = 0; i < TBB; i++) {
@@ -456,8 +479,9 @@ INLINE void read_bwd_block(const float *restrict x, const float *restrict wp, co
         const float v = u[t * Mp + m], th = iters ? 0.0f : tanhf(v);
         gu = a[m] * dzt[m] * (iters ? 1.0f : 1.0f - th * th);
         s += gu * v;
+        dz[t * Mp + m] = dzt[m];
+        dzd[t * Mp + m] = dzt[m] * (iters ? v : th); /* dz dyn: for alpha's gradient */
       }
-      dz[t * Mp + m] = m < M ? dzt[m] : 0.0f;
       g[i * Mp + m] = gp[t * Mp + m] = gu * rt;
     }
     coef[i] = -rt * rt * s / (float)X;
@@ -467,29 +491,44 @@ INLINE void read_bwd_block(const float *restrict x, const float *restrict wp, co
   if (k0 < X) dx_tile(wp, g, coef, x, pre, res, gh, gr, dx, t0, N, k0, n, D, M, Mp, 1);
 }
 
-void hc_read_bwd(const float *restrict x, const float *restrict w, float *restrict wp, const float *restrict r,
-                 const float *restrict u, const float *restrict pre, const float *restrict post,
-                 const float *restrict res, const float *restrict a, const float *restrict gh,
-                 const float *restrict gr, const float *restrict gpost, float *restrict dx, float *restrict dz,
-                 float *restrict gp, long N, long n, long D, long iters) {
+void hc_read_bwd(const float *restrict x, const float *restrict nw, const float *restrict phi,
+                 const float *restrict alpha, float *restrict wp, const float *restrict r, const float *restrict u,
+                 const float *restrict pre, const float *restrict post, const float *restrict res,
+                 const float *restrict gh, const float *restrict gr, const float *restrict gpost, float *restrict dx,
+                 float *restrict dz, float *restrict dzd, float *restrict gp, float *restrict db,
+                 float *restrict dalpha, long N, long n, long D, long iters) {
   const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
+  float a[MAX_MP], da[MAX_MP];
+  for (long m = 0; m < M; m++) a[m] = alpha[m < n ? 0 : m < 2 * n ? 1 : 2];
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (long k = 0; k < X; k++) /* the panels: wp[k/8][m][k%8] = w[k][m] */
-      for (long m = 0; m < M; m++) wp[((k / 8) * M + m) * 8 + k % 8] = w[k * Mp + m];
+    for (long k = 0; k < X; k++) /* the panels of w = nw phi: wp[k/8][m][k%8] = w[k][m] */
+      for (long m = 0; m < M; m++) wp[((k / 8) * M + m) * 8 + k % 8] = nw[k] * phi[k * M + m];
 #define BODY(NN)                                                                                                 \
   _Pragma("omp for schedule(static)") for (long t0 = 0; t0 < N; t0 += TBB)                                       \
-      read_bwd_block(x, wp, r, u, pre, post, res, a, gh, gr, gpost, dx, dz, gp, t0, N, NN, D, iters)
+      read_bwd_block(x, wp, r, u, pre, post, res, a, gh, gr, gpost, dx, dz, dzd, gp, t0, N, NN, D, iters)
     DISPATCH_N(BODY)
 #undef BODY
+#pragma omp for schedule(static)
+    for (long m = 0; m < M; m++) { /* the biases' and alphas' sums over the tokens, each in token order */
+      float sb = 0.0f, sa = 0.0f;
+      for (long t = 0; t < N; t++) sb += dz[t * Mp + m], sa += dzd[t * Mp + m];
+      db[m] = sb, da[m] = sa;
+    }
   }
+  for (int q = 0; q < 3; q++) dalpha[q] = 0.0f;
+  for (long m = 0; m < M; m++) dalpha[m < n ? 0 : m < 2 * n ? 1 : 2] += da[m];
 }
 
-/* dw^T[m, k] = sum_t x[t, k] gp[t, m] (dwT [Mp, X]): each thread owns 16-column panels of x (k) and sums over the
-   tokens in order, 64 at a time (those tokens' 16 columns, 4 KB, stay in L1 while the M columns of gp pass over them).
-   A 6 x 16 register tile: per token two vector loads of x and six broadcasts of gp. */
-void hc_proj_wgrad(const float *restrict x, const float *restrict gp, float *restrict dwT, long N, long X, long Mp) {
+/* dw^T[m, k] = sum_t x[t, k] gp[t, m] (dwT [Mp, X], scratch), then the parameters' gradients through w = nw phi:
+   dphi[k, m] = nw[k] dw[k, m], dnw[k] = sum_m phi[k, m] dw[k, m]. Each thread owns 16-column panels of x (k) and
+   sums over the tokens in order, 64 at a time (those tokens' 16 columns, 4 KB, stay in L1 while the M columns of gp
+   pass over them). A 6 x 16 register tile: per token two vector loads of x and six broadcasts of gp. */
+void hc_proj_wgrad(const float *restrict x, const float *restrict gp, const float *restrict nw,
+                   const float *restrict phi, float *restrict dwT, float *restrict dphi, float *restrict dnw, long N,
+                   long n, long D) {
+  const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
 #pragma omp parallel for schedule(static)
   for (long c = 0; c < (X + 15) / 16; c++) { /* X % 8 == 0: the last panel may be 8 wide */
     const long k0 = 16 * c;
@@ -519,6 +558,15 @@ void hc_proj_wgrad(const float *restrict x, const float *restrict gp, float *res
         for (long j = 0; j < mb; j++)
           for (int q = 0; q < KV; q++) st8(dwT + (m0 + j) * X + k0 + 8 * q, acc[j][q]);
       }
+    }
+    for (long k = k0; k < k0 + 8 * KV; k++) {
+      float s = 0.0f;
+      for (long m = 0; m < M; m++) {
+        const float dw = dwT[m * X + k];
+        s += phi[k * M + m] * dw;
+        dphi[k * M + m] = nw[k] * dw;
+      }
+      dnw[k] = s;
     }
   }
 }
