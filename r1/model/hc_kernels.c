@@ -522,51 +522,56 @@ void hc_read_bwd(const float *restrict x, const float *restrict nw, const float 
 }
 
 /* dw^T[m, k] = sum_t x[t, k] gp[t, m] (dwT [Mp, X], scratch), then the parameters' gradients through w = nw phi:
-   dphi[k, m] = nw[k] dw[k, m], dnw[k] = sum_m phi[k, m] dw[k, m]. Each thread owns 16-column panels of x (k) and
-   sums over the tokens in order, 64 at a time (those tokens' 16 columns, 4 KB, stay in L1 while the M columns of gp
-   pass over them). A 6 x 16 register tile: per token two vector loads of x and six broadcasts of gp. */
+   dphi[k, m] = nw[k] dw[k, m], dnw[k] = sum_m phi[k, m] dw[k, m]. Each thread owns 16-column panels of x (k; the
+   same ones for every token block: schedule(static) over the same bounds) and sums over the tokens in order. The
+   tokens go in blocks of 64, all of a thread's panels per block: a block's rows are read as contiguous runs (a
+   panel-at-a-time sweep over all tokens touches a new 4 KB page per token, with no prefetching and a TLB miss
+   each). A 6 x 16 register tile: per token two vector loads of x and six broadcasts of gp. */
 void hc_proj_wgrad(const float *restrict x, const float *restrict gp, const float *restrict nw,
                    const float *restrict phi, float *restrict dwT, float *restrict dphi, float *restrict dnw, long N,
                    long n, long D) {
-  const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
-#pragma omp parallel for schedule(static)
-  for (long c = 0; c < (X + 15) / 16; c++) { /* X % 8 == 0: the last panel may be 8 wide */
-    const long k0 = 16 * c;
-    const int KV = k0 + 16 <= X ? 2 : 1;
-    for (long m = 0; m < Mp; m++)
-      for (int j = 0; j < KV; j++) st8(dwT + m * X + k0 + 8 * j, bc8(0.0f));
+  const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8, P = (X + 15) / 16; /* the last panel may be 8 wide */
+#pragma omp parallel
+  {
     for (long tb = 0; tb < N; tb += 64) {
       const long te = tb + 64 < N ? tb + 64 : N;
-      for (long m0 = 0; m0 < Mp; m0 += 6) {
-        const long mb = Mp - m0 < 6 ? Mp - m0 : 6;
-        v8 acc[6][2];
-        for (long j = 0; j < mb; j++)
-          for (int q = 0; q < KV; q++) acc[j][q] = ld8(dwT + (m0 + j) * X + k0 + 8 * q);
-        if (mb == 6 && KV == 2) /* the common case, fully unrolled */
-          for (long t = tb; t < te; t++) {
-            const v8 x0 = ld8(x + t * X + k0), x1 = ld8(x + t * X + k0 + 8);
-            for (int j = 0; j < 6; j++) {
-              const v8 bg = bc8(gp[t * Mp + m0 + j]);
-              acc[j][0] += bg * x0;
-              acc[j][1] += bg * x1;
+#pragma omp for schedule(static) nowait
+      for (long c = 0; c < P; c++) {
+        const long k0 = 16 * c;
+        const int KV = k0 + 16 <= X ? 2 : 1;
+        for (long m0 = 0; m0 < Mp; m0 += 6) {
+          const long mb = Mp - m0 < 6 ? Mp - m0 : 6;
+          v8 acc[6][2];
+          for (long j = 0; j < mb; j++)
+            for (int q = 0; q < KV; q++) acc[j][q] = tb ? ld8(dwT + (m0 + j) * X + k0 + 8 * q) : bc8(0.0f);
+          if (mb == 6 && KV == 2) /* the common case, fully unrolled */
+            for (long t = tb; t < te; t++) {
+              const v8 x0 = ld8(x + t * X + k0), x1 = ld8(x + t * X + k0 + 8);
+              for (int j = 0; j < 6; j++) {
+                const v8 bg = bc8(gp[t * Mp + m0 + j]);
+                acc[j][0] += bg * x0;
+                acc[j][1] += bg * x1;
+              }
             }
-          }
-        else
-          for (long t = tb; t < te; t++)
-            for (long j = 0; j < mb; j++)
-              for (int q = 0; q < KV; q++) acc[j][q] += bc8(gp[t * Mp + m0 + j]) * ld8(x + t * X + k0 + 8 * q);
-        for (long j = 0; j < mb; j++)
-          for (int q = 0; q < KV; q++) st8(dwT + (m0 + j) * X + k0 + 8 * q, acc[j][q]);
+          else
+            for (long t = tb; t < te; t++)
+              for (long j = 0; j < mb; j++)
+                for (int q = 0; q < KV; q++) acc[j][q] += bc8(gp[t * Mp + m0 + j]) * ld8(x + t * X + k0 + 8 * q);
+          for (long j = 0; j < mb; j++)
+            for (int q = 0; q < KV; q++) st8(dwT + (m0 + j) * X + k0 + 8 * q, acc[j][q]);
+        }
       }
     }
-    for (long k = k0; k < k0 + 8 * KV; k++) {
-      float s = 0.0f;
-      for (long m = 0; m < M; m++) {
-        const float dw = dwT[m * X + k];
-        s += phi[k * M + m] * dw;
-        dphi[k * M + m] = nw[k] * dw;
+#pragma omp for schedule(static)
+    for (long c = 0; c < P; c++) /* the same panels, so no barrier was needed before this loop */
+      for (long k = 16 * c; k < X && k < 16 * c + 16; k++) {
+        float s = 0.0f;
+        for (long m = 0; m < M; m++) {
+          const float dw = dwT[m * X + k];
+          s += phi[k * M + m] * dw;
+          dphi[k * M + m] = nw[k] * dw;
+        }
+        dnw[k] = s;
       }
-      dnw[k] = s;
-    }
   }
 }
