@@ -409,18 +409,45 @@ void hc_read_fwd(const float *restrict x, const float *restrict nw, const float 
      dpre[i] = <g_h, x[t,i]>,  dres[j,i] = <g_r[t,j], x[t,i]>,  dz = maps' backward (dpre, g_post, dres)
      g_u = a dz (HC: a dz (1 - tanh^2 u)),  gp = r g_u,  coef = -(r^2 / X) sum_m g_u[m] u[m]
      dx[t,i] = sum_m gp[m] w[i,:,m] + pre[t,i] g_h[t] + sum_j res[t,j,i] g_r[t,j] + coef x[t,i]
+   Per token, the dot products and the mixing's part of dx come from one read of its rows (mix_bwd_token); then
+   the projection's and the norm's terms are added, one store (dx_tile).
    The projection's term is a TBB x 16 register tile over the M rows of w, which hc_read_bwd first packs into wp in
    8-column panels (wp[k/8][m][8]: each panel's M x 8 floats contiguous; the rows of w^T lie X floats apart, and
    24 such streams alias in L1). The sums over tokens run in token order, each on one thread, so that none depends on
    the thread count: db = sum_t dz and da = sum_t dz u (HC: tanh u) per row of z after the token loop, and
    dw = x^T gp in hc_proj_wgrad.                                     */
 
+INLINE float hsum8(const v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+/* One token's mixing backward from one read of its rows: dpre[s] = <g_h, x[s]>, dres[j,s] = <g_r[j], x[s]>, and the
+   mixing's part of dx, dx[s] = pre[s] g_h + sum_j res[j,s] g_r[j], written for dx_tile to complete (D % 8 == 0) */
+INLINE void mix_bwd_token(const float *restrict xt, const float *restrict ght, const float *restrict grt,
+                          const float *restrict pre, const float *restrict res, float *restrict dpre,
+                          float *restrict dres, float *restrict dxt, const long n, const long D) {
+  for (long s = 0; s < n; s++) {
+    v8 acc[MAX_N + 1];
+    for (long q = 0; q <= n; q++) acc[q] = bc8(0.0f);
+    for (long d = 0; d < D; d += 8) {
+      const v8 xv = ld8(xt + s * D + d), gv = ld8(ght + d);
+      v8 m = bc8(pre[s]) * gv;
+      acc[0] += gv * xv;
+      for (long j = 0; j < n; j++) {
+        const v8 rv = ld8(grt + j * D + d);
+        acc[1 + j] += rv * xv;
+        m += bc8(res[j * n + s]) * rv;
+      }
+      st8(dxt + s * D + d, m);
+    }
+    dpre[s] = hsum8(acc[0]);
+    for (long j = 0; j < n; j++) dres[j * n + s] = hsum8(acc[1 + j]);
+  }
+}
+
+/* dx[t, k] += sum_m g[t, m] w[k, m] + coef[t] x[t, k] for the block's tokens and 8 KV columns from k0: the
+   projection's and the norm's terms on top of the mixing's (mix_bwd_token), one store */
 INLINE void dx_tile(const float *restrict wp, const float *restrict g, const float *restrict coef,
-                    const float *restrict x, const float *restrict pre, const float *restrict res,
-                    const float *restrict gh, const float *restrict gr, float *restrict dx, const long t0,
-                    const long N, const long k0, const long n, const long D, const long M, const long Mp,
-                    const int KV) {
-  const long X = n * D;
+                    const float *restrict x, float *restrict dx, const long t0, const long N, const long k0,
+                    const long X, const long M, const long Mp, const int KV) {
   v8 acc[TBB][2];
   for (int i = 0; i < TBB; i++)
     for (int j = 0; j < KV; j++) acc[i][j] = bc8(0.0f);
@@ -432,17 +459,11 @@ INLINE void dx_tile(const float *restrict wp, const float *restrict g, const flo
       for (int j = 0; j < KV; j++) acc[i][j] += bg * wv[j];
     }
   }
-  long sj[2], dj[2]; /* vector j's stream and offset (D % 8 == 0: no straddling); divisions out of the token loop */
-  for (int j = 0; j < KV; j++) sj[j] = (k0 + 8 * j) / D, dj[j] = k0 + 8 * j - sj[j] * D;
-  for (long i = 0; i < TBB && t0 + i < N; i++) {
-    const long t = t0 + i;
+  for (long i = 0; i < TBB && t0 + i < N; i++)
     for (int j = 0; j < KV; j++) {
-      const long k = k0 + 8 * j, s = sj[j], d = dj[j];
-      v8 v = acc[i][j] + bc8(pre[t * n + s]) * ld8(gh + t * D + d) + bc8(coef[i]) * ld8(x + t * X + k);
-      for (long q = 0; q < n; q++) v += bc8(res[(t * n + q) * n + s]) * ld8(gr + t * X + q * D + d);
-      st8(dx + t * X + k, v);
+      float *o = dx + (t0 + i) * X + k0 + 8 * j;
+      st8(o, ld8(o) + acc[i][j] + bc8(coef[i]) * ld8(x + (t0 + i) * X + k0 + 8 * j));
     }
-  }
 }
 
 INLINE void read_bwd_block(const float *restrict x, const float *restrict wp, const float *restrict r,
@@ -460,16 +481,8 @@ INLINE void read_bwd_block(const float *restrict x, const float *restrict wp, co
       coef[i] = 0.0f;
       continue;
     }
-    const float *xt = x + t * X;
-    const float *rows[MAX_N + 1]; /* g_h, then g_r's rows: all dotted with x[t,i] */
-    float dpre[MAX_N], dres[MAX_SQ], out[MAX_N + 1], dzt[MAX_MP];
-    rows[0] = gh + t * D;
-    for (long j = 0; j < n; j++) rows[1 + j] = gr + t * X + j * D;
-    for (long s = 0; s < n; s++) {
-      dots(rows, n + 1, xt + s * D, out, D);
-      dpre[s] = out[0];
-      for (long j = 0; j < n; j++) dres[j * n + s] = out[1 + j];
-    }
+    float dpre[MAX_N], dres[MAX_SQ], dzt[MAX_MP];
+    mix_bwd_token(x + t * X, gh + t * D, gr + t * X, pre + t * n, res + t * n * n, dpre, dres, dx + t * X, n, D);
     maps_bwd_token(pre + t * n, post + t * n, res + t * n * n, dpre, gpost + t * n, dres, dzt, n, iters);
     const float rt = r[t];
     float s = 0.0f;
@@ -487,8 +500,8 @@ INLINE void read_bwd_block(const float *restrict x, const float *restrict wp, co
     coef[i] = -rt * rt * s / (float)X;
   }
   long k0 = 0;
-  for (; k0 + 16 <= X; k0 += 16) dx_tile(wp, g, coef, x, pre, res, gh, gr, dx, t0, N, k0, n, D, M, Mp, 2);
-  if (k0 < X) dx_tile(wp, g, coef, x, pre, res, gh, gr, dx, t0, N, k0, n, D, M, Mp, 1);
+  for (; k0 + 16 <= X; k0 += 16) dx_tile(wp, g, coef, x, dx, t0, N, k0, X, M, Mp, 2);
+  if (k0 < X) dx_tile(wp, g, coef, x, dx, t0, N, k0, X, M, Mp, 1);
 }
 
 void hc_read_bwd(const float *restrict x, const float *restrict nw, const float *restrict phi,
