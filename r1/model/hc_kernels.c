@@ -375,11 +375,14 @@ INLINE void read_fwd_block(const float *restrict x, const float *restrict w, con
 
 /* The parameters as they are: nw [X] (the RMSNorm weight), phi [X, M], b_pre, b_post [n], b_res [n, n], alpha [3];
    w = nw phi (padded to Mp columns, in wbuf), b and a (alpha per row of z) are formed here. */
+/* which alpha (0: pre, 1: post, 2: res) scales row m of z */
+INLINE int alpha_of(const long m, const long n) { return m < n ? 0 : m < 2 * n ? 1 : 2; }
+
 INLINE void bias_alpha(const float *restrict b_pre, const float *restrict b_post, const float *restrict b_res,
                        const float *restrict alpha, float *restrict b, float *restrict a, const long n) {
   for (long m = 0; m < 2 * n + n * n; m++) {
     b[m] = m < n ? b_pre[m] : m < 2 * n ? b_post[m - n] : b_res[m - 2 * n];
-    a[m] = alpha[m < n ? 0 : m < 2 * n ? 1 : 2];
+    a[m] = alpha[alpha_of(m, n)];
   }
 }
 
@@ -512,7 +515,7 @@ void hc_read_bwd(const float *restrict x, const float *restrict nw, const float 
                  float *restrict dalpha, long N, long n, long D, long iters) {
   const long X = n * D, M = 2 * n + n * n, Mp = (M + 7) / 8 * 8;
   float a[MAX_MP], da[MAX_MP];
-  for (long m = 0; m < M; m++) a[m] = alpha[m < n ? 0 : m < 2 * n ? 1 : 2];
+  for (long m = 0; m < M; m++) a[m] = alpha[alpha_of(m, n)];
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -531,7 +534,7 @@ void hc_read_bwd(const float *restrict x, const float *restrict nw, const float 
     }
   }
   for (int q = 0; q < 3; q++) dalpha[q] = 0.0f;
-  for (long m = 0; m < M; m++) dalpha[m < n ? 0 : m < 2 * n ? 1 : 2] += da[m];
+  for (long m = 0; m < M; m++) dalpha[alpha_of(m, n)] += da[m];
 }
 
 /* dw^T[m, k] = sum_t x[t, k] gp[t, m] (dwT [Mp, X], scratch), then the parameters' gradients through w = nw phi:
