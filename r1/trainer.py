@@ -12,6 +12,7 @@ them (`shared_prefix`, `sequence_logprobs`): the same numbers as G whole sequenc
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -31,7 +32,7 @@ from r1.data import load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
 from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, update_router_biases
-from r1.parallel import Dist
+from r1.parallel import Dist, micro_batches, update_workers
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainConfig:
     advantage_scale: str = "group"  # group | none (Dr. GRPO) | batch
     mu: int = 1  # inner updates per rollout batch
     micro_batch: int = 32
+    update_workers: int = 0  # micro-batches run side by side on CPU (0 = auto: 2 with >= 2 threads; see r1.parallel)
     shared_prefix: bool = True  # native model: a micro-batch's distinct prompts run once each (not under FSDP)
     dynamic_sampling: bool = True
     max_refills: int = 2  # dynamic sampling's budget, drawn up front in one generate call (grpo.refill_prompts)
@@ -137,6 +139,41 @@ def sequence_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, prompt_len: i
                                   with_entropy=with_entropy)
     h, w = hidden_and_head(model, ids, mask)
     return token_logprobs(h[:, P - 1:-1], w, ids[:, P:], temperature=temperature, with_entropy=with_entropy)
+
+
+@dataclass
+class UpdateBatch:
+    """One update's tensors, [B, ...] each (see pack), and the loss's global normalisers."""
+    ids: Tensor
+    attn: Tensor
+    cmask: Tensor
+    elogp: Tensor
+    adv: Tensor
+    old: Tensor | None  # log-probs before the update (mu > 1); None = the current ones, detached
+    ref: Tensor | None  # the reference model's (beta > 0)
+    prompt_len: int
+    num_seq: float
+    num_tok: float
+
+
+def micro_batch_loss(policy: nn.Module, cfg: TrainConfig, b: UpdateBatch, dist: Dist, share: bool,
+                     i: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Micro-batch i's policy loss and metrics (run by r1.parallel.micro_batches, maybe on a worker thread)."""
+    sl = slice(i * cfg.micro_batch, (i + 1) * cfg.micro_batch)
+    with dist.autocast():
+        lp, ent = sequence_logprobs(policy, b.ids[sl], b.attn[sl], b.prompt_len, cfg.temperature, with_entropy=True,
+                                    share_prompts=share)
+    cmask = b.cmask[sl]
+    loss, m = grpo.policy_loss(
+        lp, lp.detach() if b.old is None else b.old[sl], b.adv[sl], cmask,
+        ref_logp_BT=None if b.ref is None else b.ref[sl], beta=cfg.beta, eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high, ratio=cfg.ratio, aggregation=cfg.aggregation,
+        engine_logp_BT=b.elogp[sl] if cfg.tis_cap > 0 else None, tis_cap=cfg.tis_cap,
+        max_completion_len=cfg.max_tokens, num_sequences=b.num_seq, num_tokens=b.num_tok)
+    n = cmask.sum().clamp(min=1)
+    m["entropy"] = (ent.detach() * cmask).sum() / n
+    m["logprob_gap/engine_vs_trainer"] = ((lp.detach() - b.elogp[sl]).abs() * cmask).sum() / n
+    return loss, m
 
 
 def encode_prompts(tok: Any, texts: list[str]) -> list[list[int]]:
@@ -239,6 +276,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     # fused: one kernel for all parameters (on CPU 0.5 ms a step for the smoke model, against 2.4 ms for the loop)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                             fused=True)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    workers = update_workers(cfg.update_workers, dist.device, dist.fsdp)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     order = list(range(len(rows)))
@@ -342,25 +381,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 ref_lp = torch.cat([sequence_logprobs(ref, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature,
                                                       share_prompts=share)[0]
                                     for s in range(0, B, mb)]) if ref is not None else None
+            batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
+            step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
             sums: dict[str, float] = {}
             for _ in range(cfg.mu):
                 opt.zero_grad(set_to_none=True)
-                for s in range(0, B, mb):
-                    sl = slice(s, s + mb)
-                    with dist.autocast():
-                        lp, ent = sequence_logprobs(policy, ids[sl], attn[sl], P, cfg.temperature,
-                                                    with_entropy=True, share_prompts=share)
-                    loss, m = grpo.policy_loss(
-                        lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
-                        ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=cfg.beta, eps_low=cfg.eps_low,
-                        eps_high=cfg.eps_high, ratio=cfg.ratio, aggregation=cfg.aggregation,
-                        engine_logp_BT=elogp[sl] if cfg.tis_cap > 0 else None, tis_cap=cfg.tis_cap,
-                        max_completion_len=cfg.max_tokens, num_sequences=num_seq, num_tokens=num_tok)
-                    loss.backward()
-                    w = cmask[sl].sum().item() / max(1, n_tok_local)
-                    m["entropy"] = (ent.detach() * cmask[sl]).sum() / cmask[sl].sum().clamp(min=1)
-                    m["logprob_gap/engine_vs_trainer"] = ((lp.detach() - elogp[sl]).abs() * cmask[sl]).sum() / \
-                        cmask[sl].sum().clamp(min=1)
+                for i, m in enumerate(micro_batches(step_fn, -(-B // mb), params, workers)):
+                    w = cmask[i * mb:(i + 1) * mb].sum().item() / max(1, n_tok_local)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w
                 dist.average_grads(policy)

@@ -32,6 +32,7 @@ Y the query's first part per head (C, or L once W_kvb is folded in).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -501,6 +502,9 @@ class GroupedExperts(nn.Module):
         return y_ECD.view(E * cap, -1).index_select(0, row_Ns)
 
 
+_COUNT_LOCK = threading.Lock()
+
+
 class MoE(nn.Module):
     def __init__(self, c: V3Config):
         super().__init__()
@@ -543,7 +547,9 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():  # padding tokens do not count toward the load (weights: see forward's `valid`)
                 v = valid_BT.reshape(-1, 1).expand(-1, K).flatten().float() if valid_BT is not None else None
-                self.tokens_per_expert += torch.bincount(flat_idx, weights=v, minlength=E)
+                counts_E = torch.bincount(flat_idx, weights=v, minlength=E)
+                with _COUNT_LOCK:  # micro-batches may run on two threads (r1.parallel.micro_batches)
+                    self.tokens_per_expert += counts_E
             if self.c.seq_aux_loss_alpha > 0:
                 aux = self.seq_aux_loss(scores_NE.view(B, T, E), idx_NK.view(B, T, K), valid_BT)
         return y_ND.view(B, T, D), aux
