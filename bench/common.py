@@ -29,6 +29,23 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its live child processes (the torch engine's decode worker:
+    rollouts/decode_worker.py), which time.process_time() alone would miss. Children from /proc (Linux)."""
+    import multiprocessing
+    import os
+
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for child in multiprocessing.active_children():
+        try:
+            fields = open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each fn, run in alternation so drift hits both alike."""
     for _ in range(warmup):

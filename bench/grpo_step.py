@@ -14,14 +14,18 @@ its own `generate`. Both sides:
   sampling against the engine's log-probs (its default, one elementwise op); TRL does that only with vLLM.
 The weights are random, so rewards are mostly 0: the compute of a step does not depend on them.
 TRL runs fp32 (bf16=False; its default is bf16 autocast). Its default gradient checkpointing (on) trades time
-for memory, so TRL runs both with and without it (`--trl-ckpt`).
+for memory, so TRL runs both with and without it (`--trl-ckpt`). Ours runs its CPU defaults: the engine decodes
+half of each step's prompts in a second process (rollouts/decode_worker.py) and the update runs two micro-batches
+side by side on threads (r1.parallel.micro_batches), one core each; TRL uses the 2 cores as intra-op threads.
 
 Timing: runs of (warm-up + timed) steps, ours and TRL's alternating, `--rounds` times; per-step seconds from
 our metrics.jsonl (time/step) and from TRL callbacks (on_step_begin -> on_step_end); medians of the timed steps.
 Peak memory: the most bytes of CPU tensors alive at once during a 2-step run of each side (model load,
 optimizer state, rollouts, the update), from the allocation and free records of the torch profiler
-(profile_memory). Python objects and allocator slack are not counted. Neither side saves anything (our final
-checkpoint and export are skipped: they are not part of a step, and TRL runs with save_strategy="no").
+(profile_memory); ours adds its decode worker process's replica and decoding peak (decode_worker_bytes).
+Python objects and allocator slack are not counted. Neither side saves anything (our final checkpoint and export
+are skipped: they are not part of a step, and TRL runs with save_strategy="no"). CPU seconds: each side's
+process, ours with its decode worker's (common.cpu_seconds).
 The machine has 2 cores and other processes may be running on it: compare ratios, not absolute times.
 
 Usage: python bench/grpo_step.py [--steps 3] [--rounds 2] [--prompts 16] [--group-size 8] [--max-tokens 48]
@@ -51,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # bench/common.py (appended: bench/rewards.py is no package)
 
 import torch  # noqa: E402
-from common import peak_bytes  # noqa: E402
+from common import cpu_seconds, peak_bytes  # noqa: E402
 
 import rollouts  # noqa: E402
 from r1 import trainer  # noqa: E402
@@ -112,7 +116,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: in
     log = trainer.JsonlLogger.log
 
     def timed_log(self: Any, step: int, metrics: dict[str, float]) -> None:
-        cpu.append(time.process_time())
+        cpu.append(cpu_seconds())  # with the decode worker's
         log(self, step, metrics)
 
     # The final checkpoint and HF export are not part of a step (TRL saves nothing here either): skipped.
@@ -131,6 +135,22 @@ def run_ours(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: in
     for row, a, b in zip(rows[1:], cpu[:-1], cpu[1:], strict=True):
         row["cpu/step"] = b - a
     return rows
+
+
+def decode_worker_bytes(args: argparse.Namespace, model_dir: Path) -> int:
+    """What the profiler in this process cannot see of ours: the decode worker's (rollouts/decode_worker.py) replica
+    of the weights plus the peak of decoding its half of a step's prompts, measured here the same way. Added to the
+    main process's peak, though the two peaks do not coincide (the worker idles during the update): an upper bound."""
+    policy = load_policy(str(model_dir))
+    engine = FixedLengthEngine(policy, load_tokenizer(str(model_dir)))
+    if not engine._splits(args.prompts, args.group_size):
+        return 0
+    rows = smoke_rl_rows(seed=args.seed)[:args.prompts]
+    prompts = trainer.encode_prompts(engine.tokenizer, [render("smoke", r["prompt"]) for r in rows])
+    sp = rollouts.SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
+    replica = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
+    with torch.inference_mode():
+        return replica + peak_bytes(lambda: engine._run(prompts[(args.prompts + 1) // 2:], sp, args.group_size))
 
 
 def trl_dataset(args: argparse.Namespace, steps: int) -> Any:
@@ -270,7 +290,8 @@ def main() -> None:
 
         mem: dict[str, int] = {}
         if not args.no_memory:
-            mem["r1"] = peak_bytes(lambda: run_ours(args, model_dir, tmp / "ours_mem", 2))
+            mem["r1"] = peak_bytes(lambda: run_ours(args, model_dir, tmp / "ours_mem", 2)) + \
+                decode_worker_bytes(args, model_dir)
             for m in trl_modes:
                 mem[names[m]] = peak_bytes(lambda m=m: run_trl(args, model_dir, tmp / f"trl_mem{int(m)}", 2, m))
 

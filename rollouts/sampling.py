@@ -22,9 +22,11 @@ from rollouts.base import SamplingParams
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive sample indices apart
 
 
-def make_generators(seed: int, count: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per sample; sample i of a call with `seed` always gets the same stream."""
-    return [torch.Generator(device=device).manual_seed((seed * _SEED_MIX + i) % 2**63) for i in range(count)]
+def make_generators(seed: int, count: int, device: torch.device | str = "cpu", first: int = 0) -> list[torch.Generator]:
+    """One generator per sample, for samples first .. first + count - 1; sample i of a call with `seed` always gets
+    the same stream."""
+    return [torch.Generator(device=device).manual_seed((seed * _SEED_MIX + i) % 2**63)
+            for i in range(first, first + count)]
 
 
 def gumbel_(t: Tensor, generator: torch.Generator) -> Tensor:

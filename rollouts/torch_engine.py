@@ -7,12 +7,15 @@ Two model families behind one small stepper interface:
 
 Each prompt is prefilled once and its cache rows are repeated n times. Finished rows leave the batch
 (their cache rows are dropped), so no compute goes to sequences that are done. Per-sample generators
-make samples reproducible and independent of how the batch shrinks (rollouts/sampling.py).
+make samples reproducible and independent of how the batch shrinks (rollouts/sampling.py). On a CPU a
+large enough call splits its prompts with a second process, one core each (rollouts/decode_worker.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -24,6 +27,7 @@ from r1.model.hf import hf_to_native, load_state
 from r1.model.model import GroupedExperts
 from r1.parallel import intra_op_threads
 from rollouts.base import Rollout, SamplingParams
+from rollouts.decode_worker import DecodeWorker, Result
 from rollouts.sampling import NoiseStreams, make_generators, sample
 
 
@@ -91,6 +95,10 @@ STEPPERS: dict[type[nn.Module], type] = {V3ForCausalLM: V3Stepper}
 # (whole generate calls, alternating in one process, 2 cores): the tiny V3 (134k multiply-adds a token) at 8 rows
 # 118 ms on one thread vs 166 on two; at 16 rows even (145-172 vs 150-195 over four runs); at 32 rows 205 vs 186.
 ONE_THREAD_DECODE_MACS = 1 << 21
+# A call whose rows' multiply-adds per decoded token reach this splits its prompts with a decode worker process when
+# `processes` is auto (rollouts/decode_worker.py): the smoke GRPO step (128 rows x 430k) is 55M; a tiny test call
+# stays in one process (the worker's start, ~2 s, would cost more than it saves).
+SPLIT_DECODE_MACS = 1 << 24
 
 
 def macs_per_token(model: nn.Module) -> int:
@@ -120,8 +128,14 @@ class TorchEngine:
     (CPU colocation): generation switches it to eval + inference mode and restores train mode after."""
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
+                 pad_token_id: int | None = None, processes: int = 0):
+        """processes: 1 decodes in this process only; 2 splits every call of two or more prompts with a decode
+        worker (native V3 model on a CPU); 0 (auto) splits on a CPU with >= 2 threads when the call reaches
+        SPLIT_DECODE_MACS."""
+        if processes not in (0, 1, 2):
+            raise ValueError(f"processes must be 0 (auto), 1 or 2, not {processes}")
+        self.model, self.tokenizer, self.processes = model, tokenizer, processes
+        self._worker: DecodeWorker | None = None
         self.eos_ids = _eos_ids(model, tokenizer) if eos_token_id is None else \
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         pad = getattr(tokenizer, "pad_token_id", None) if pad_token_id is None else pad_token_id
@@ -136,11 +150,14 @@ class TorchEngine:
             raise RuntimeError("engine is asleep: call wake() before generate()")
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, and no prompt may be empty")
+        if sampling.seed is None:  # one seed for the whole call, whichever process decodes a sample
+            sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**62, ()).item()))
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                tokens_NM, logps_NM, lengths_N, stopped_N = self._run(prompt_ids, sampling, n)
+                tokens_NM, logps_NM, lengths_N, stopped_N = self._split_run(prompt_ids, sampling, n) \
+                    if self._splits(len(prompt_ids), n) else self._run(prompt_ids, sampling, n)
         finally:
             self.model.train(was_training)
         out = []
@@ -151,8 +168,40 @@ class TorchEngine:
                                text=text, finish_reason="stop" if stopped_N[i] or hit else "length"))
         return out
 
-    def _run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams,
-             n: int) -> tuple[Tensor, Tensor, list[int], list[bool]]:
+    def _splits(self, n_prompts: int, n: int) -> bool:
+        if self.processes == 1 or n_prompts < 2 or not isinstance(self.model, V3ForCausalLM) or \
+                next(self.model.parameters()).device.type != "cpu":
+            return False
+        return self.processes == 2 or (torch.get_num_threads() >= 2 and
+                                       n_prompts * n * self.macs_per_token >= SPLIT_DECODE_MACS)
+
+    def _split_run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, n: int) -> Result:
+        """The first half of the prompts here, the rest in the decode worker, one thread each."""
+        if self._worker is not None and not self._worker.alive():
+            self.close()
+        if self._worker is None:
+            self._worker = DecodeWorker(self.model, self.eos_ids, self.pad_id)
+            self._finalizer = weakref.finalize(self, self._worker.close)
+        half = (len(prompts) + 1) // 2
+        self._worker.submit(self.model, prompts[half:], sp, n, first=half * n)
+        try:
+            with intra_op_threads(1):
+                mine = self._run(prompts[:half], sp, n)
+        finally:
+            theirs = self._worker.result()  # (waited for even when this half failed: the pipe stays in step)
+        return (torch.cat([mine[0], theirs[0]]), torch.cat([mine[1], theirs[1]]), mine[2] + theirs[2],
+                mine[3] + theirs[3])
+
+    def close(self) -> None:
+        """Stop the decode worker, if one runs (the next split call starts a new one)."""
+        if self._worker is not None:
+            self._finalizer.detach()
+            self._worker.close()
+            self._worker = None
+
+    def _run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, n: int, first: int = 0) -> Result:
+        """Decode n samples of each prompt in this process; samples are numbered from `first` (their generators'
+        seeds), so a call split across processes samples as the whole call would."""
         dev = next(self.model.parameters()).device
         P, M, Tp = len(prompts), sp.max_tokens, max(len(p) for p in prompts)
         N = P * n
@@ -172,7 +221,7 @@ class TorchEngine:
         mask_BS = torch.cat([mask_PT[rows_N], mask_PT.new_ones(N, M)], dim=1)
 
         seed = sp.seed if sp.seed is not None else int(torch.randint(2**62, ()).item())
-        gens = make_generators(seed, N, dev)
+        gens = make_generators(seed, N, dev, first)
         noise = NoiseStreams(gens, logits_BV.shape[-1], dev) if sp.temperature > 0 else None
         stop_ids = torch.tensor(sorted(set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids))),
                                 dtype=torch.long, device=dev)
@@ -269,9 +318,10 @@ class TorchEngine:
 
     # ------------------------------------------------------------------------------------------ memory
     def sleep(self) -> None:
-        """Nothing persists between generate calls (caches are per call), so sleeping only returns the
-        allocator's cached blocks; the weights stay (the CPU engine usually shares the trainer's)."""
+        """Nothing persists between generate calls (caches are per call), so sleeping stops the decode worker
+        and returns the allocator's cached blocks; the weights stay (the CPU engine usually shares the trainer's)."""
         self.asleep = True
+        self.close()  # the decode worker's replica and caches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -182,6 +182,60 @@ def test_tiny_decode_steps_run_on_one_thread(model, monkeypatch):
         torch.set_num_threads(old)
 
 
+
+# ------------------------------------------------------------------------------------------ decode worker
+def test_split_call_samples_as_one_process():
+    """processes=2: the second half of the prompts decodes in the worker process. Same tokens, stops and finish
+    reasons as one process (samples seeded by their index in the whole call), log-probs to rounding; the worker
+    follows in-place weight updates (the trainer's optimizer step, the router bias) and its CPU time is counted."""
+    m = tiny(seed=3)
+    ps = prompts(lens=(5, 11, 17, 8, 3))
+    sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=7)
+    one, two = TorchEngine(m, eos_token_id=7, processes=1), TorchEngine(m, eos_token_id=7, processes=2)
+
+    def same(a: list[Rollout], b: list[Rollout]) -> bool:
+        assert [r.prompt_index for r in a] == [r.prompt_index for r in b]
+        return all(x.token_ids == y.token_ids and x.finish_reason == y.finish_reason and
+                   x.logprobs == pytest.approx(y.logprobs, abs=1e-5) for x, y in zip(a, b, strict=True))
+
+    try:
+        a, b = two.generate(ps, sp, n=3), one.generate(ps, sp, n=3)
+        assert two._worker is not None and two._worker.alive() and two._worker.cpu_seconds > 0
+        assert {r.finish_reason for r in a} == {"stop", "length"}  # both kinds, on both sides of the split
+        assert same(a, b)
+        with torch.no_grad():  # an update in place, as the optimizer makes it
+            for p in m.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
+            m.moe_layers[0].gate.e_score_correction_bias.add_(torch.randn(m.config.n_routed_experts))
+        c = two.generate(ps, sp, n=3)
+        assert same(c, one.generate(ps, sp, n=3)) and not same(c, a)
+    finally:
+        two.close()
+    assert two._worker is None
+
+
+def test_decode_worker_errors_are_raised_here_and_it_restarts():
+    """A failure inside the worker comes back as one error naming it, the engine stays usable; a killed worker is
+    replaced at the next call; sleep() stops it."""
+    m = tiny(seed=4)
+    engine = TorchEngine(m, eos_token_id=2, processes=2)
+    sp = SamplingParams(max_tokens=6, seed=1)
+    ps = prompts(lens=(4, 6))
+    try:
+        good = engine.generate(ps, sp, n=2)
+        with pytest.raises(RuntimeError, match="decode worker failed: IndexError"):
+            engine.generate([ps[0], [3, 10**6]], sp, n=2)  # an id past the vocabulary, in the worker's half
+        assert [r.token_ids for r in engine.generate(ps, sp, n=2)] == [r.token_ids for r in good]
+        engine._worker.process.kill()
+        engine._worker.process.join(5)
+        assert [r.token_ids for r in engine.generate(ps, sp, n=2)] == [r.token_ids for r in good]
+        proc = engine._worker.process
+        engine.sleep()
+        assert not proc.is_alive() and engine._worker is None
+    finally:
+        engine.close()
+
+
 def test_load_weights_copies_hf_named_tensors(model):
     other = tiny(seed=1)
     engine = TorchEngine(tiny(seed=0), eos_token_id=2)
