@@ -32,11 +32,12 @@ from rollouts.base import SamplingParams
 Result = tuple[Tensor, Tensor, list[int], list[bool]]  # TorchEngine._run's: tokens, log-probs, lengths, stopped
 
 
-def _serve(model: nn.Module, conn: Any, eos_ids: list[int], pad_id: int) -> None:
+def _serve(model: nn.Module, tokenizer: Any, conn: Any, eos_ids: list[int], pad_id: int) -> None:
     torch.set_num_threads(1)
     from rollouts.torch_engine import TorchEngine
 
-    engine = TorchEngine(model, eos_token_id=eos_ids, pad_token_id=pad_id, processes=1)
+    # the tokenizer matches stop strings as the engine's own does
+    engine = TorchEngine(model, tokenizer, eos_token_id=eos_ids, pad_token_id=pad_id, processes=1)
     while (msg := conn.recv()) is not None:
         prompts, sampling, n, first = msg
         cpu = time.process_time()
@@ -52,12 +53,12 @@ def _serve(model: nn.Module, conn: Any, eos_ids: list[int], pad_id: int) -> None
 class DecodeWorker:
     """The worker process and the shared replica it decodes with."""
 
-    def __init__(self, model: nn.Module, eos_ids: list[int], pad_id: int):
+    def __init__(self, model: nn.Module, tokenizer: Any, eos_ids: list[int], pad_id: int):
         self.replica = copy.deepcopy(model).eval().requires_grad_(False).share_memory()
         self._state = self.replica.state_dict()  # views of the shared storage: copy_ into them reaches the worker
         ctx = mp.get_context("spawn")  # fork would copy torch's OpenMP pool in an unusable state
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(self.replica, child, eos_ids, pad_id), daemon=True,
+        self.process = ctx.Process(target=_serve, args=(self.replica, tokenizer, child, eos_ids, pad_id), daemon=True,
                                    name="r1-decode-worker")
         self.process.start()
         child.close()

@@ -180,7 +180,7 @@ class TorchEngine:
         if self._worker is not None and not self._worker.alive():
             self.close()
         if self._worker is None:
-            self._worker = DecodeWorker(self.model, self.eos_ids, self.pad_id)
+            self._worker = DecodeWorker(self.model, self.tokenizer, self.eos_ids, self.pad_id)
             self._finalizer = weakref.finalize(self, self._worker.close)
         half = (len(prompts) + 1) // 2
         self._worker.submit(self.model, prompts[half:], sp, n, first=half * n)

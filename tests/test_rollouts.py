@@ -188,10 +188,11 @@ def test_split_call_samples_as_one_process():
     """processes=2: the second half of the prompts decodes in the worker process. Same tokens, stops and finish
     reasons as one process (samples seeded by their index in the whole call), log-probs to rounding; the worker
     follows in-place weight updates (the trainer's optimizer step, the router bias) and its CPU time is counted."""
-    m = tiny(seed=3)
+    m, tok = tiny(seed=3), load_tokenizer()
     ps = prompts(lens=(5, 11, 17, 8, 3))
-    sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=7)
-    one, two = TorchEngine(m, eos_token_id=7, processes=1), TorchEngine(m, eos_token_id=7, processes=2)
+    # stops: EOS, and any digit (a stop string, matched on the decoded text: the worker needs the tokenizer)
+    sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=7, stop=tuple("0123456789"))
+    one, two = TorchEngine(m, tok, eos_token_id=7, processes=1), TorchEngine(m, tok, eos_token_id=7, processes=2)
 
     def same(a: list[Rollout], b: list[Rollout]) -> bool:
         assert [r.prompt_index for r in a] == [r.prompt_index for r in b]
@@ -201,8 +202,10 @@ def test_split_call_samples_as_one_process():
     try:
         a, b = two.generate(ps, sp, n=3), one.generate(ps, sp, n=3)
         assert two._worker is not None and two._worker.alive() and two._worker.cpu_seconds > 0
-        assert {r.finish_reason for r in a} == {"stop", "length"}  # both kinds, on both sides of the split
-        assert same(a, b)
+        for half in (a[:9], a[9:]):  # both kinds of finish on both sides of the split, stop strings among them
+            assert {r.finish_reason for r in half} == {"stop", "length"}
+        assert any(r.text != tok.decode(r.token_ids, skip_special_tokens=True) for r in a[9:])
+        assert same(a, b) and [r.text for r in a] == [r.text for r in b]
         with torch.no_grad():  # an update in place, as the optimizer makes it
             for p in m.parameters():
                 p.add_(torch.randn_like(p), alpha=0.05)
