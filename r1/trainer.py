@@ -189,19 +189,16 @@ def encode_prompts(tok: Any, texts: list[str]) -> list[list[int]]:
 def pack(prompts: list[list[int]], completions: list[list[int]], logps: list[list[float]],
          pad: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Left-pad prompts to P and right-pad completions to C: ids, attention mask, completion mask,
-    engine log-probs. Left padding keeps every completion starting at column P."""
+    engine log-probs. Left padding keeps every completion starting at column P. Rows are built as lists, one
+    tensor each at the end (per-row slice assignments cost ~7 ms for 128 rows)."""
     P, C = max(map(len, prompts)), max(1, max(map(len, completions)))
-    B = len(prompts)
-    ids = torch.full((B, P + C), pad, dtype=torch.long)
-    attn = torch.zeros(B, P + C, dtype=torch.long)
-    cmask = torch.zeros(B, C)
-    elogp = torch.zeros(B, C)
-    for i, (p, c, lp) in enumerate(zip(prompts, completions, logps, strict=True)):
-        ids[i, P - len(p):P] = torch.tensor(p)
-        ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
-        attn[i, P - len(p):P + len(c)] = 1
-        cmask[i, :len(c)] = 1
-        elogp[i, :len(lp)] = torch.tensor(lp)
+    rows = list(zip(prompts, completions, logps, strict=True))
+    ids = torch.tensor([[pad] * (P - len(p)) + list(p) + list(c) + [pad] * (C - len(c)) for p, c, _ in rows],
+                       dtype=torch.long)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)) for p, c, _ in rows],
+                        dtype=torch.long)
+    cmask = torch.tensor([[1.0] * len(c) + [0.0] * (C - len(c)) for _, c, _ in rows]).view(len(rows), C)
+    elogp = torch.tensor([list(lp) + [0.0] * (C - len(lp)) for _, _, lp in rows]).view(len(rows), C)
     return ids, attn, cmask, elogp, P
 
 

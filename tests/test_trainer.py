@@ -345,3 +345,17 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(kw: dict) -> None:
     passes = 2 if checkpointing else 1  # a recompute counts again (uniformly: balancing reads sign(mean - load))
     assert torch.equal(loads[False], loads[True])  # shared prompt tokens weigh G rows each: the same balancing
     assert loads[True].sum() == passes * K * layers * mask.sum().item()
+
+
+def test_pack_pads_prompts_left_and_completions_right() -> None:
+    from r1.trainer import pack
+
+    ids, attn, cmask, elogp, P = pack([[5, 6, 7], [8]], [[9], [10, 11, 12]], [[-0.5], [-1.0, -2.0, -3.0]], 0)
+    assert P == 3
+    assert ids.tolist() == [[5, 6, 7, 9, 0, 0], [0, 0, 8, 10, 11, 12]] and ids.dtype == torch.long
+    assert attn.tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
+    assert cmask.tolist() == [[1, 0, 0], [1, 1, 1]] and cmask.dtype == torch.float32
+    assert elogp.tolist() == [[-0.5, 0, 0], [-1.0, -2.0, -3.0]]
+    # an empty completion: one masked column
+    ids, attn, cmask, elogp, P = pack([[4]], [[]], [[]], 0)
+    assert ids.tolist() == [[4, 0]] and attn.tolist() == [[1, 0]] and cmask.tolist() == [[0]] and elogp.shape == (1, 1)
