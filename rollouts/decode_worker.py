@@ -54,7 +54,10 @@ class DecodeWorker:
     """The worker process and the shared replica it decodes with."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, eos_ids: list[int], pad_id: int):
-        self.replica = copy.deepcopy(model).eval().requires_grad_(False).share_memory()
+        self.replica = copy.deepcopy(model).eval().requires_grad_(False)
+        for p in self.replica.parameters():
+            p.grad = None  # (deepcopy copies a gradient the model may hold)
+        self.replica.share_memory()
         self._state = self.replica.state_dict()  # views of the shared storage: copy_ into them reaches the worker
         ctx = mp.get_context("spawn")  # fork would copy torch's OpenMP pool in an unusable state
         self.conn, child = ctx.Pipe()
