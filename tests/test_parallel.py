@@ -14,9 +14,9 @@ from r1.parallel import intra_op_threads, micro_batches, update_workers
 from r1.trainer import sequence_logprobs
 
 
-def _setup() -> tuple[V3ForCausalLM, torch.Tensor, torch.Tensor]:
+def _setup(residual: str = "standard") -> tuple[V3ForCausalLM, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    m = randomize(V3ForCausalLM(PRESETS["tiny"])).train()
+    m = randomize(V3ForCausalLM(PRESETS["tiny"].replace(residual=residual, hidden_size=64))).train()
     ids = torch.randint(3, 256, (20, 12))  # 5 micro-batches of 4 rows (an odd count: thread 0 takes three)
     mask = torch.ones_like(ids)
     mask[3, 9:] = 0
@@ -44,8 +44,9 @@ def _run(m: V3ForCausalLM, ids: torch.Tensor, mask: torch.Tensor, workers: int,
     return outs, grads, torch.stack([moe.tokens_per_expert.clone() for moe in m.moe_layers])
 
 
-def test_side_by_side_equals_one_at_a_time() -> None:
-    m, ids, mask = _setup()
+@pytest.mark.parametrize("residual", ["standard", "mhc"])  # mhc: HC's C kernels (OpenMP) on the worker threads
+def test_side_by_side_equals_one_at_a_time(residual: str) -> None:
+    m, ids, mask = _setup(residual)
     outs1, g1, counts1 = _run(m, ids, mask, workers=1)
     seen: list = []
     outs2, g2, counts2 = _run(m, ids, mask, workers=2, seen=seen)
