@@ -32,6 +32,10 @@ from rollouts.base import SamplingParams
 Result = tuple[Tensor, Tensor, list[int], list[bool]]  # TorchEngine._run's: tokens, log-probs, lengths, stopped
 
 
+class WorkerDied(RuntimeError):
+    """The worker process ended without answering (killed, out of memory)."""
+
+
 def _serve(model: nn.Module, tokenizer: Any, conn: Any, eos_ids: list[int], pad_id: int) -> None:
     torch.set_num_threads(1)
     from rollouts.torch_engine import TorchEngine
@@ -73,14 +77,17 @@ class DecodeWorker:
         """Sync the replica to `model`, then start decoding `prompts` (samples numbered from `first`)."""
         for k, t in model.state_dict().items():
             self._state[k].copy_(t)
-        self.conn.send(([list(p) for p in prompts], sampling, n, first))
+        try:
+            self.conn.send(([list(p) for p in prompts], sampling, n, first))
+        except OSError:  # a broken pipe: it has died since the last call
+            raise WorkerDied(f"the decode worker process died (exit code {self.process.exitcode})") from None
 
     def result(self) -> Result:
         try:
             msg = self.conn.recv()
         except (EOFError, OSError):
             self.process.join(1)
-            raise RuntimeError(f"the decode worker process died (exit code {self.process.exitcode})") from None
+            raise WorkerDied(f"the decode worker process died (exit code {self.process.exitcode})") from None
         if isinstance(msg, Exception):
             raise RuntimeError(f"the decode worker failed: {msg}")
         out, cpu = msg

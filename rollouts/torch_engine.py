@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -27,7 +28,7 @@ from r1.model.hf import hf_to_native, load_state
 from r1.model.model import GroupedExperts
 from r1.parallel import intra_op_threads
 from rollouts.base import Rollout, SamplingParams
-from rollouts.decode_worker import DecodeWorker, Result
+from rollouts.decode_worker import DecodeWorker, Result, WorkerDied
 from rollouts.sampling import NoiseStreams, make_generators, sample
 
 
@@ -176,19 +177,40 @@ class TorchEngine:
                                        n_prompts * n * self.macs_per_token >= SPLIT_DECODE_MACS)
 
     def _split_run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, n: int) -> Result:
-        """The first half of the prompts here, the rest in the decode worker, one thread each."""
+        """The first half of the prompts here, the rest in the decode worker, one thread each. A worker that cannot
+        start (e.g. no room in /dev/shm for the replica) turns splitting off with a warning; one that dies during
+        the call has its half decoded here (the same samples: they are seeded by index) and is replaced next call."""
         if self._worker is not None and not self._worker.alive():
             self.close()
         if self._worker is None:
-            self._worker = DecodeWorker(self.model, self.tokenizer, self.eos_ids, self.pad_id)
+            try:
+                self._worker = DecodeWorker(self.model, self.tokenizer, self.eos_ids, self.pad_id)
+            except (OSError, RuntimeError) as e:
+                warnings.warn(f"r1: the decode worker process did not start ({e}); decoding in this process only",
+                              stacklevel=3)
+                self.processes = 1
+                return self._run(prompts, sp, n)
             self._finalizer = weakref.finalize(self, self._worker.close)
         half = (len(prompts) + 1) // 2
-        self._worker.submit(self.model, prompts[half:], sp, n, first=half * n)
+        try:
+            self._worker.submit(self.model, prompts[half:], sp, n, first=half * n)
+        except WorkerDied as e:
+            warnings.warn(f"r1: {e}; decoding this call in this process", stacklevel=3)
+            self.close()
+            return self._run(prompts, sp, n)
         try:
             with intra_op_threads(1):
                 mine = self._run(prompts[:half], sp, n)
-        finally:
-            theirs = self._worker.result()  # (waited for even when this half failed: the pipe stays in step)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._worker.result()  # its answer is read all the same: the pipe stays in step
+            raise
+        try:
+            theirs = self._worker.result()
+        except WorkerDied as e:
+            warnings.warn(f"r1: {e}; decoding its half in this process", stacklevel=3)
+            self.close()
+            theirs = self._run(prompts[half:], sp, n, first=half * n)
         return (torch.cat([mine[0], theirs[0]]), torch.cat([mine[1], theirs[1]]), mine[2] + theirs[2],
                 mine[3] + theirs[3])
 

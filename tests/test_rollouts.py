@@ -219,7 +219,11 @@ def test_split_call_samples_as_one_process():
 
 def test_decode_worker_errors_are_raised_here_and_it_restarts():
     """A failure inside the worker comes back as one error naming it, the engine stays usable; a killed worker is
-    replaced at the next call; sleep() stops it."""
+    replaced at the next call, one killed during a call has its half decoded here; sleep() stops it; a worker that
+    cannot start turns splitting off with a warning."""
+    from rollouts import torch_engine
+    from rollouts.decode_worker import DecodeWorker
+
     m = tiny(seed=4)
     engine = TorchEngine(m, eos_token_id=2, processes=2)
     sp = SamplingParams(max_tokens=6, seed=1)
@@ -235,6 +239,26 @@ def test_decode_worker_errors_are_raised_here_and_it_restarts():
         proc = engine._worker.process
         engine.sleep()
         assert not proc.is_alive() and engine._worker is None
+        engine.wake()
+        # killed during a call: its half is decoded here, the same samples
+        real_submit = DecodeWorker.submit
+
+        def submit_then_die(self: DecodeWorker, *a: object, **k: object) -> None:
+            real_submit(self, *a, **k)
+            self.process.kill()
+            self.process.join(5)
+
+        with pytest.MonkeyPatch.context() as mp_:
+            mp_.setattr(DecodeWorker, "submit", submit_then_die)
+            with pytest.warns(UserWarning, match="died"):
+                again = engine.generate(ps, sp, n=2)
+        assert [r.token_ids for r in again] == [r.token_ids for r in good] and engine._worker is None
+        # a worker that cannot start: a warning, and this engine decodes in one process from then on
+        with pytest.MonkeyPatch.context() as mp_:
+            mp_.setattr(torch_engine, "DecodeWorker", lambda *a, **k: (_ for _ in ()).throw(OSError("no shm")))
+            with pytest.warns(UserWarning, match="did not start"):
+                again = engine.generate(ps, sp, n=2)
+        assert [r.token_ids for r in again] == [r.token_ids for r in good] and engine.processes == 1
     finally:
         engine.close()
 
