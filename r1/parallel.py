@@ -142,10 +142,10 @@ def update_workers(requested: int, device: torch.device, fsdp: bool) -> int:
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool): kept for the next call
 
 
-def micro_batches(fn: Callable[[int], tuple[Tensor, Any]], n: int, params: Sequence[Tensor],
+def micro_batches(fn: Callable[[int], tuple[Tensor | None, Any]], n: int, params: Sequence[Tensor],
                   workers: int = 1) -> list[Any]:
     """Run fn(i) -> (loss, out) for the micro-batches i = 0..n-1; add the gradient of every loss to the params'
-    .grad and return the outs in order.
+    .grad and return the outs in order. A loss of None takes no gradient (log-probs under no_grad).
 
     workers == 1: in order on this thread, loss.backward() after each.
     workers == W > 1 (CPU): W threads, each with 1/W of torch's intra-op threads; micro-batch i runs on thread
@@ -162,7 +162,8 @@ def micro_batches(fn: Callable[[int], tuple[Tensor, Any]], n: int, params: Seque
         outs = []
         for i in range(n):
             loss, out = fn(i)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
             outs.append(out)
         return outs
     global _POOL
@@ -175,8 +176,9 @@ def micro_batches(fn: Callable[[int], tuple[Tensor, Any]], n: int, params: Seque
         outs = {}
         for i in range(w, n, W):
             loss, outs[i] = fn(i)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            total = [a if g is None else g if a is None else a + g for a, g in zip(total, grads, strict=True)]
+            if loss is not None:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                total = [a if g is None else g if a is None else a + g for a, g in zip(total, grads, strict=True)]
         return total, outs
 
     if _POOL is None or _POOL[0] < W:

@@ -156,6 +156,14 @@ class UpdateBatch:
     num_tok: float
 
 
+def micro_batch_logprobs(cfg: TrainConfig, ids: Tensor, attn: Tensor, prompt_len: int, dist: Dist, share: bool,
+                         model: nn.Module, i: int) -> tuple[None, Tensor]:
+    """Micro-batch i's completion log-probs without gradients (the policy before the update, the reference)."""
+    sl = slice(i * cfg.micro_batch, (i + 1) * cfg.micro_batch)
+    with torch.no_grad(), dist.autocast():
+        return None, sequence_logprobs(model, ids[sl], attn[sl], prompt_len, cfg.temperature, share_prompts=share)[0]
+
+
 def micro_batch_loss(policy: nn.Module, cfg: TrainConfig, b: UpdateBatch, dist: Dist, share: bool,
                      i: int) -> tuple[Tensor, dict[str, Tensor]]:
     """Micro-batch i's policy loss and metrics (run by r1.parallel.micro_batches, maybe on a worker thread)."""
@@ -371,19 +379,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             num_seq, num_tok = totals[0].item() / dist.world, totals[1].item() / dist.world
             B, mb = ids.shape[0], cfg.micro_batch
             share = cfg.shared_prefix and not dist.fsdp  # two forwards per backward: not tried under FSDP2
-            with torch.no_grad(), dist.autocast():
-                old = torch.cat([sequence_logprobs(policy, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature,
-                                                   share_prompts=share)[0]
-                                 for s in range(0, B, mb)]) if cfg.mu > 1 else None
-                ref_lp = torch.cat([sequence_logprobs(ref, ids[s:s + mb], attn[s:s + mb], P, cfg.temperature,
-                                                      share_prompts=share)[0]
-                                    for s in range(0, B, mb)]) if ref is not None else None
+            n_mb = -(-B // mb)
+            # the log-probs before the update (mu > 1) and the reference's, micro-batches side by side as well
+            logprobs_of = functools.partial(micro_batch_logprobs, cfg, ids, attn, P, dist, share)  # (model, i)
+            old = torch.cat(micro_batches(functools.partial(logprobs_of, policy), n_mb, params, workers)) \
+                if cfg.mu > 1 else None
+            ref_lp = torch.cat(micro_batches(functools.partial(logprobs_of, ref), n_mb, params, workers)) \
+                if ref is not None else None
             batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
             step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
             sums: dict[str, float] = {}
             for _ in range(cfg.mu):
                 opt.zero_grad(set_to_none=True)
-                for i, m in enumerate(micro_batches(step_fn, -(-B // mb), params, workers)):
+                for i, m in enumerate(micro_batches(step_fn, n_mb, params, workers)):
                     w = cmask[i * mb:(i + 1) * mb].sum().item() / max(1, n_tok_local)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * w

@@ -359,3 +359,30 @@ def test_pack_pads_prompts_left_and_completions_right() -> None:
     # an empty completion: one masked column
     ids, attn, cmask, elogp, P = pack([[4]], [[]], [[]], 0)
     assert ids.tolist() == [[4, 0]] and attn.tolist() == [[1, 0]] and cmask.tolist() == [[0]] and elogp.shape == (1, 1)
+
+
+def test_reference_and_inner_updates_side_by_side(model_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """beta > 0 (a reference model) and mu = 2 (the log-probs before the update): their no-grad passes run two
+    micro-batches at a time (update_workers=2) and give the log-probs of one at a time."""
+    from r1 import trainer
+
+    batches: dict[int, list] = {1: [], 2: []}
+    real = trainer.UpdateBatch
+    for w in (1, 2):
+        monkeypatch.setattr(trainer, "UpdateBatch", lambda *a, _w=w: batches[_w].append(real(*a)) or batches[_w][-1])
+        train(tiny(model_dir, tmp_path / f"w{w}", steps=1, beta=0.05, mu=2, update_workers=w, dynamic_sampling=False))
+        logged = json.loads((tmp_path / f"w{w}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert logged["kl"] > 0  # the second inner update moved away from the reference
+    (a,), (b,) = batches[1], batches[2]
+    assert a.old is not None and a.ref is not None and a.old.shape == a.ids[:, a.prompt_len:].shape
+    assert torch.equal(a.ids, b.ids)  # the same rollouts
+    torch.testing.assert_close(b.old, a.old, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.ref, a.ref, rtol=0, atol=1e-5)
+    assert torch.equal(a.old, a.ref)  # before the first update the policy is the reference
+    # and they are the starting model's log-probs of the whole batch, computed here in one pass without sharing
+    from r1.trainer import load_policy, sequence_logprobs
+
+    with torch.no_grad():
+        direct = sequence_logprobs(load_policy(str(model_dir)).train(), a.ids, a.attn, a.prompt_len, 1.0)[0]
+    torch.testing.assert_close(a.old, direct, rtol=0, atol=1e-5)
