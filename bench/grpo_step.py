@@ -316,8 +316,8 @@ def main() -> None:
         print(f"{k:10}{t[k] * 1e3:9.0f}{d['rollout'] * 1e3:9.0f}{d['reward'] * 1e3:8.0f}{d['update'] * 1e3:8.0f}"
               f"{cpu[k] * 1e3:8.0f}{mem.get(k, nan) / 2**20:10.1f}{t['r1'] / t[k]:11.2f}{cpu['r1'] / cpu[k]:10.2f}"
               f"{mem['r1'] / mem[k] if k in mem else nan:10.2f}")
-    print("(ms/step and its parts: wall clock; CPU ms: CPU seconds per step of the process (ours: with its decode worker), which other processes"
-          " do not inflate when --threads 1)")
+    print("(ms/step and its parts: wall clock; CPU ms: CPU seconds per step of the process (ours: with its decode"
+          " worker), which other processes do not inflate when --threads 1)")
     for m in trl_modes:
         k = names[m]
         mr = mem["r1"] / mem[k] if k in mem else nan

@@ -412,7 +412,7 @@ def test_c_sinkhorn_is_doubly_stochastic_and_finite(scale):
 def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("R1_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with pytest.warns(UserWarning, match="hc_kernels.c failed"):
+    with pytest.warns(UserWarning, match="hc_kernels.c, moe_kernels.c failed"):
         assert cext.kernels.__wrapped__() is None
 
 
@@ -420,7 +420,7 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
 def test_the_build_is_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("R1_CACHE", str(tmp_path))
     assert cext.kernels.__wrapped__() is not None
-    assert len(list(tmp_path.glob("hc_kernels-*.so"))) == 1
+    assert len(list(tmp_path.glob("r1_kernels-*.so"))) == 1
     monkeypatch.setattr(cext.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt although cached"))
     assert cext.kernels.__wrapped__() is not None
 

@@ -124,10 +124,17 @@ def test_fixed_router_counts_tokens_and_uses_chosen_experts():
         assert torch.allclose(y[0, t], ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("fold,dense", [(True, True), (False, False)])
-def test_latent_cache_decode_matches_full_forward(fold, dense, monkeypatch):
-    """Decoding with the folded MLA weights and the dense tiny-MoE path (the defaults for this size), and
-    with neither (the absorbed bmm path and the gathered experts, as for a large model)."""
+@pytest.mark.parametrize("fold,dense,kernel", [(True, True, False), (False, False, False), (True, False, True)],
+                         ids=["fold-dense", "absorbed-gathered", "fold-c-kernel"])
+def test_latent_cache_decode_matches_full_forward(fold, dense, kernel, monkeypatch):
+    """Decoding with the folded MLA weights and the dense tiny-MoE path (the defaults for this size on two threads),
+    with neither (the absorbed bmm path and the gathered experts, as for a large model), and on one thread, where
+    the experts run in one C call (r1/model/moe_cpu.py)."""
+    from r1.model import cext
+    from r1.parallel import intra_op_threads
+
+    if kernel and cext.kernels() is None:
+        pytest.skip("no C compiler: the MoE decode kernel is not built")
     torch.manual_seed(3)
     m = randomize(V3ForCausalLM(tiny(rope_scaling=YARN))).eval()
     if not fold:
@@ -138,7 +145,7 @@ def test_latent_cache_decode_matches_full_forward(fold, dense, monkeypatch):
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :4] = 0
     cache = LatentCache(m.config, 2, 4, torch.float32, "cpu")  # small capacity: forces growth
-    with torch.no_grad():
+    with torch.no_grad(), intra_op_threads(1 if kernel else 2):
         steps = [m.logits(ids[:, :8], attention_mask=mask[:, :8], cache=cache)[:, -1]]
         for t in range(8, 12):
             steps.append(m.logits(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache)[:, -1])
@@ -146,7 +153,9 @@ def test_latent_cache_decode_matches_full_forward(fold, dense, monkeypatch):
     for i, t in enumerate(range(7, 12)):
         assert (steps[i] - full[:, t]).abs().max() < 1e-4
     attn, moe = m.layers[-1].self_attn, m.layers[-1].mlp
-    assert (cache.derived(attn, attn._fold) is not None) == fold and isinstance(moe, MoE) and id(moe) in cache._derived
+    assert (cache.derived(attn, attn._fold) is not None) == fold and isinstance(moe, MoE)
+    built = {name for key, name in cache._derived if key == id(moe)}  # the MoE path each config took
+    assert built == ({"_decode_kernel"} if kernel else {"_dense"})
     c = m.config
     assert cache.nbytes() == 12 * (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * 4
 
@@ -387,3 +396,28 @@ def test_rmsnorm_paths_agree(monkeypatch):
         assert calls == ([x.shape] if small else [])  # training never takes it
         assert (got.double() - want).abs().max() < 1e-6 * want.abs().max()
         assert (trained.double() - want).abs().max() < 1e-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("n_shared", [1, 0])
+def test_moe_decode_kernel_equals_the_torch_experts(n_shared):
+    """The C decode kernel (r1/model/moe_cpu.py) against the MoE's own torch path, 1 to 64 tokens (a tile's
+    partial rows, experts with no token), with and without a shared expert; refused where it does not apply."""
+    from r1.model import cext
+    from r1.model.moe_cpu import decode_kernel
+
+    if cext.kernels() is None:
+        pytest.skip("no C compiler: the MoE decode kernel is not built")
+    torch.manual_seed(5)
+    moe = MoE(tiny(n_shared_experts=n_shared)).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    kernel = decode_kernel(moe)
+    for N in (1, 5, 64):
+        x = torch.randn(N, moe.c.hidden_size)
+        with torch.no_grad():
+            ref = moe(x[None])[0][0]
+            w, idx, _ = moe.gate(x)
+            got = kernel(x, w, idx)
+        assert torch.allclose(got, ref, atol=1e-5), (N, (got - ref).abs().max())
+    assert decode_kernel(MoE(tiny()).to(torch.bfloat16)) is None
+    assert decode_kernel(MoE(tiny(hidden_size=60))) is None  # rows not a whole number of 8-float vectors

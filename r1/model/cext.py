@@ -1,4 +1,5 @@
-"""Build and load r1's small C kernels (r1/model/hc_kernels.c) with the system C compiler, through ctypes.
+"""Build and load r1's small C kernels (r1/model/hc_kernels.c, moe_kernels.c) with the system C compiler, through
+ctypes.
 
 Why C and ctypes: the kernels are plain loops over fp32 arrays (no torch headers), so `cc -O3 -march=native
 -fopenmp -shared` builds them in well under a second on first use (a torch C++ extension takes a minute), and
@@ -26,16 +27,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("hc_kernels.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("hc_kernels.c", "moe_kernels.c")]
 # -ffp-contract=fast: a * b + c as one FMA (ISO C modes such as -std=c11 otherwise keep them apart)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
 LIBS = ["-lm"]
+FALLBACK = "HC's stream mixing and small-MoE decoding run on torch ops (slower)"
 MAX_STREAMS = 16  # the kernels' stack arrays (MAX_N, MAX_SQ in hc_kernels.c) hold this many streams
 _L, _F = ctypes.c_long, ctypes.c_float
 # name -> (number of tensor arguments, the scalars after them)
 SIGNATURES = {"hc_combine": (5, [_L] * 3), "hc_write_bwd": (5, [_L] * 3),  # N, n, D
               "hc_read_fwd": (14, [_F] + [_L] * 4), "hc_read_bwd": (19, [_L] * 4),  # (eps,) N, n, D, iters
-              "hc_proj_wgrad": (7, [_L] * 3)}  # N, n, D
+              "hc_proj_wgrad": (7, [_L] * 3),  # N, n, D
+              "moe_decode": (9, [_L] * 6)}  # N, K, E, D, I, Is
 
 
 def _cpu_flags() -> str:
@@ -52,28 +55,28 @@ def kernels() -> ctypes.CDLL | None:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        warnings.warn("r1: no C compiler (cc/gcc) found: the HC stream mixing runs on torch ops (slower)", stacklevel=2)
+        warnings.warn(f"r1: no C compiler (cc/gcc) found: {FALLBACK}", stacklevel=2)
         return None
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES)
     key = hashlib.sha256(src + " ".join([cc, *FLAGS, *LIBS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    out = Path(os.environ.get("R1_CACHE", Path.home() / ".cache" / "r1")) / f"hc_kernels-{key}.so"
+    out = Path(os.environ.get("R1_CACHE", Path.home() / ".cache" / "r1")) / f"r1_kernels-{key}.so"
     if not out.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 tmp_so = Path(tmp) / out.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), *LIBS, "-o", str(tmp_so)], check=True, capture_output=True,
-                               text=True, timeout=120)
+                subprocess.run([cc, *FLAGS, *map(str, SOURCES), *LIBS, "-o", str(tmp_so)], check=True,
+                               capture_output=True, text=True, timeout=120)
                 os.replace(tmp_so, out)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
-            warnings.warn(f"r1: building {SOURCE.name} failed ({detail.strip()[:300]}): the HC stream mixing runs "
-                          "on torch ops (slower)", stacklevel=2)
+            names = ", ".join(f.name for f in SOURCES)
+            warnings.warn(f"r1: building {names} failed ({detail.strip()[:300]}): {FALLBACK}", stacklevel=2)
             return None
     try:
         lib = ctypes.CDLL(str(out))
     except OSError as e:  # e.g. a cache file from another toolchain
-        warnings.warn(f"r1: loading {out} failed ({e}): the HC stream mixing runs on torch ops (slower)", stacklevel=2)
+        warnings.warn(f"r1: loading {out} failed ({e}): {FALLBACK}", stacklevel=2)
         return None
     for name, (n_tensors, scalars) in SIGNATURES.items():
         fn = getattr(lib, name)

@@ -161,11 +161,12 @@ class LatentCache:
         self._derived: dict[int, object] = {}
 
     def derived(self, owner: nn.Module, build: Callable[[], object]) -> object:
-        """build() once per owning module for this cache's lifetime (folded decode weights, or None)."""
-        if id(owner) not in self._derived:
+        """build() once per owning module and builder for this cache's lifetime (folded decode weights, or None)."""
+        key = (id(owner), build.__name__)
+        if key not in self._derived:
             with torch.no_grad():
-                self._derived[id(owner)] = build()
-        return self._derived[id(owner)]
+                self._derived[key] = build()
+        return self._derived[key]
 
     @property
     def ckv(self) -> list[Tensor]:
@@ -526,6 +527,10 @@ class MoE(nn.Module):
         K, E = self.c.num_experts_per_tok, self.c.n_routed_experts
         x_ND = x_BTD.reshape(-1, D)
         w_NK, idx_NK, scores_NE = self.gate(x_ND)
+        # decoding on one CPU thread: the experts in one C call (r1/model/moe_cpu.py), where it applies
+        if not self.training and cache is not None and torch.get_num_threads() == 1 and x_ND.device.type == "cpu" \
+                and (kernel := cache.derived(self, self._decode_kernel)) is not None:
+            return kernel(x_ND, w_NK, idx_NK).view(B, T, D), None
         if not self.training and cache is not None and (dense := cache.derived(self, self._dense)) is not None \
                 and x_ND.shape[0] * dense[0].numel() * 3 // 2 <= self.DENSE_MAX_MACS:
             return self._decode_dense(x_ND, w_NK, idx_NK, *dense).view(B, T, D), None
@@ -553,6 +558,11 @@ class MoE(nn.Module):
             if self.c.seq_aux_loss_alpha > 0:
                 aux = self.seq_aux_loss(scores_NE.view(B, T, E), idx_NK.view(B, T, K), valid_BT)
         return y_ND.view(B, T, D), aux
+
+    def _decode_kernel(self) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+        from r1.model.moe_cpu import decode_kernel
+
+        return decode_kernel(self)
 
     def _dense(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """Every expert as one pair of matrices, for decoding a tiny model: gate|up of all E routed experts
