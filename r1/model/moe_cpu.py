@@ -24,13 +24,10 @@ def decode_kernel(moe: torch.nn.Module) -> Callable[[Tensor, Tensor, Tensor], Te
     ex, sh = moe.experts, moe.shared_experts
     E, Y, D = ex.gate_up_proj.shape
     I = Y // 2
-    parts = [ex.gate_up_proj, ex.down_proj] + ([] if sh is None else [sh.gate_proj.weight, sh.up_proj.weight,
-                                                                        sh.down_proj.weight])
+    mods = [ex] + ([] if sh is None else [sh.gate_proj, sh.up_proj, sh.down_proj])  # as MoE._dense checks them
     Is = 0 if sh is None else sh.gate_proj.out_features
-    if cext.kernels() is None or not getattr(ex, "full_precision", True) or \
-            any(not getattr(m, "full_precision", True) for m in ([] if sh is None else [sh.gate_proj, sh.up_proj,
-                                                                                         sh.down_proj])) or \
-            any(p.dtype != torch.float32 or p.device.type != "cpu" for p in parts) or \
+    if cext.kernels() is None or not all(getattr(m, "full_precision", True) for m in mods) or \
+            any(p.dtype != torch.float32 or p.device.type != "cpu" for m in mods for p in m.parameters()) or \
             E > MAX_EXPERTS or max(D, Y, 2 * Is) > MAX_OUT or D % 8 or I % 8 or Is % 8:
         return None
     with torch.no_grad():
