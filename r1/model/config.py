@@ -65,6 +65,20 @@ class V3Config:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    def yarn_correction_range(self) -> tuple[int, int]:
+        """YaRN's ramp over the rope frequency pairs (DeepSeek's find_correction_range): pairs below `low`
+        keep their frequency, pairs above `high` are interpolated by `factor`. Plain Python, so a model
+        built on the meta device (as `load_hf` does) computes it too."""
+        rs = self.rope_scaling or {}
+        dim, base, orig = self.qk_rope_head_dim, self.rope_theta, rs["original_max_position_embeddings"]
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = math.floor(correction_dim(rs.get("beta_fast") or 32))
+        high = math.ceil(correction_dim(rs.get("beta_slow") or 1))
+        return max(low, 0), min(high, dim - 1)
+
     def __post_init__(self) -> None:
         if self.n_routed_experts % max(self.n_group, 1):
             raise ValueError(f"n_routed_experts={self.n_routed_experts} not divisible by n_group={self.n_group}")

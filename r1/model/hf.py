@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def quantize_fp8(w: Tensor, block: int = FP8_BLOCK) -> tuple[Tensor, Tensor]:
     return q.contiguous(), scale
 
 
-def _read_tensors(directory: Path) -> Iterator[tuple[str, Tensor]]:
+def _shards(directory: Path) -> list[str]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -103,15 +104,30 @@ def _read_tensors(directory: Path) -> Iterator[tuple[str, Tensor]]:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {directory}")
-    for fname in files:
+    return files
+
+
+def _read_keys(directory: Path) -> list[str]:
+    """The checkpoint's tensor names, from the shard headers (no tensor is read)."""
+    keys = []
+    for fname in _shards(directory):
+        with safe_open(directory / fname, framework="pt") as f:
+            keys.extend(f.keys())
+    return keys
+
+
+def _read_tensors(directory: Path) -> Iterator[tuple[str, Tensor]]:
+    for fname in _shards(directory):
         with safe_open(directory / fname, framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 
 
-def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, strict: bool = True) -> None:
+def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, strict: bool = True,
+               fresh: tuple[str, ...] = ()) -> None:
     """Copy HF-named tensors into `model` (in place). FP8 weights are dequantised with their
-    `weight_scale_inv`. With strict, any missing, unexpected or mis-shaped key raises one error."""
+    `weight_scale_inv`. With strict, any missing, unexpected or mis-shaped key raises one error, except
+    missing parameters whose native name starts with a prefix in `fresh` (the caller initialised them)."""
     c = model.config
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
@@ -157,8 +173,19 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
             seen.update({name + ".gate_up_proj", name + ".down_proj"})
     if c.tie_word_embeddings:
         seen.add("lm_head.weight")
-    # reported under HF names (for stacked experts: the first expert's key)
-    missing = sorted(next(native_to_hf(n, params[n], c))[0] for n in params if n not in seen)
+    missing = []  # under HF names; stacked experts by the per-expert keys they lack
+    for n in params:
+        if n in seen or n.startswith(fresh) or n.endswith(".experts.gate_up_proj"):  # (with its down_proj)
+            continue
+        hf_name = next(native_to_hf(n, params[n], c))[0]
+        if not n.endswith(".experts.down_proj"):
+            missing.append(hf_name)
+            continue
+        got = experts_seen.get(n.removesuffix(".down_proj"), set())
+        hf_base = hf_name.removesuffix(".0.down_proj.weight")
+        missing += [f"{hf_base}.{j}.{part}.weight" for j in range(c.n_routed_experts)
+                    for part in ("gate_proj", "up_proj", "down_proj") if (j, part) not in got]
+    missing.sort()
     if strict and (missing or unexpected or bad_shape):
         lines = [f"checkpoint does not match the {c.num_hidden_layers}-layer V3 config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad_shape)):
@@ -180,8 +207,21 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, strict: b
     model.inv_freq.copy_(rope_inv_freq(c)[0])  # non-persistent buffers are not in the checkpoint
     for m in model.moe_layers:
         m.tokens_per_expert.zero_()
-    load_state(_read_tensors(directory), model, strict=strict)
+    fresh: tuple[str, ...] = ()
+    if c.num_nextn_predict_layers and not any(_is_mtp(k, c) for k in _read_keys(directory)):
+        # transformers keeps no MTP layer, so its checkpoints of an MTP config have none: start MTP from the
+        # model's own init (the checkpoint then overwrites everything else) rather than refuse the model
+        model.reset_parameters()
+        fresh = ("mtp.",)
+        warnings.warn(f"r1: {directory} has no weights for the {c.num_nextn_predict_layers} MTP layer(s) its "
+                      "config.json declares (transformers does not save them): MTP initialised fresh", stacklevel=2)
+    load_state(_read_tensors(directory), model, strict=strict, fresh=fresh)
     return model.to(dtype)
+
+
+def _is_mtp(hf_name: str, c: V3Config) -> bool:
+    mapped = hf_to_native(hf_name, c)
+    return mapped is None or mapped[0].startswith("mtp.")
 
 
 def hf_state_dict(model: V3ForCausalLM) -> Iterator[tuple[str, Tensor]]:

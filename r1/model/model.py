@@ -102,15 +102,8 @@ def rope_inv_freq(c: V3Config) -> tuple[Tensor, float]:
     rs = c.rope_scaling or {}
     if rs.get("type", rs.get("rope_type", "default")) != "yarn":
         return inv_freq, 1.0
-    factor, orig = rs["factor"], rs["original_max_position_embeddings"]
-    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return dim * torch.log(torch.tensor(orig / (rotations * 2 * torch.pi))).item() / (2 * torch.log(
-            torch.tensor(float(base))).item())
-
-    low = max(int(torch.floor(torch.tensor(correction_dim(beta_fast)))), 0)
-    high = min(int(torch.ceil(torch.tensor(correction_dim(beta_slow)))), dim - 1)
+    factor = rs["factor"]
+    low, high = c.yarn_correction_range()
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # interpolate low freqs, keep high ones
     mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
