@@ -92,6 +92,25 @@ def test_fp8_checkpoint_loads_within_fp8_rounding(tmp_path):
     assert torch.allclose(dequantize_fp8(q, s), w, rtol=2 ** -4, atol=1e-3)
 
 
+def test_fp8_block_size_from_config_and_scale_grid_checked(tmp_path):
+    ours = model(seed=5, hidden_size=96)
+    save_hf(ours, tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    k = "model.layers.0.self_attn.kv_b_proj.weight"  # [4 x (16 + 16), 32]: 2 x 1 blocks of 64
+    sd[k], sd[k + "_scale_inv"] = quantize_fp8(sd[k], block=64)
+    save_file(sd, tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": [64, 64]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    back = load_hf(tmp_path)
+    assert torch.equal(back.layers[0].self_attn.kv_b_proj.weight, dequantize_fp8(sd[k], sd[k + "_scale_inv"], 64))
+    cfg["quantization_config"]["weight_block_size"] = [128, 128]  # the scales no longer match the blocks
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointMismatch, match=r"kv_b_proj.weight_scale_inv is \(2, 1\), not \(1, 1\)"):
+        load_hf(tmp_path)
+
+
 def test_mismatch_is_one_error_listing_keys(tmp_path):
     save_hf(model(seed=4), tmp_path)
     sd = load_file(tmp_path / "model.safetensors")

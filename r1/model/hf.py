@@ -124,10 +124,11 @@ def _read_tensors(directory: Path) -> Iterator[tuple[str, Tensor]]:
 
 
 def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, strict: bool = True,
-               fresh: tuple[str, ...] = ()) -> None:
+               fresh: tuple[str, ...] = (), fp8_block: int = FP8_BLOCK) -> None:
     """Copy HF-named tensors into `model` (in place). FP8 weights are dequantised with their
-    `weight_scale_inv`. With strict, any missing, unexpected or mis-shaped key raises one error, except
-    missing parameters whose native name starts with a prefix in `fresh` (the caller initialised them)."""
+    `weight_scale_inv` (one scale per fp8_block x fp8_block tile). With strict, any missing, unexpected or
+    mis-shaped key raises one error, except missing parameters whose native name starts with a prefix in
+    `fresh` (the caller initialised them)."""
     c = model.config
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
@@ -141,7 +142,11 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
             if t.dtype == torch.float8_e4m3fn:
                 if hf_name not in scales:
                     raise CheckpointMismatch(f"{hf_name} is fp8 but has no weight_scale_inv")
-                t = dequantize_fp8(t, scales[hf_name])
+                grid = tuple(-(-n // fp8_block) for n in t.shape)
+                if tuple(scales[hf_name].shape) != grid:
+                    raise CheckpointMismatch(f"{hf_name}_scale_inv is {tuple(scales[hf_name].shape)}, not {grid} "
+                                             f"({fp8_block}x{fp8_block} blocks of {tuple(t.shape)})")
+                t = dequantize_fp8(t, scales[hf_name], fp8_block)
             mapped = hf_to_native(hf_name, c)
             if mapped is None:
                 continue
@@ -215,8 +220,18 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, strict: b
         fresh = ("mtp.",)
         warnings.warn(f"r1: {directory} has no weights for the {c.num_nextn_predict_layers} MTP layer(s) its "
                       "config.json declares (transformers does not save them): MTP initialised fresh", stacklevel=2)
-    load_state(_read_tensors(directory), model, strict=strict, fresh=fresh)
+    load_state(_read_tensors(directory), model, strict=strict, fresh=fresh, fp8_block=_fp8_block(directory))
     return model.to(dtype)
+
+
+def _fp8_block(directory: Path) -> int:
+    """The block edge of config.json's quantization_config (DeepSeek's fp8: weight_block_size [128, 128])."""
+    qc = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    bm, bn = qc.get("weight_block_size") or (FP8_BLOCK, FP8_BLOCK)
+    if bm != bn:
+        raise ValueError(f"{directory / 'config.json'}: fp8 weight_block_size {[bm, bn]} is not square; "
+                         "r1 reads square blocks only")
+    return bm
 
 
 def _is_mtp(hf_name: str, c: V3Config) -> bool:
