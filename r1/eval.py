@@ -102,7 +102,8 @@ Answers = list[list[str | None]]  # per problem, per sample: its vote key (None:
 def vote_keys(extracted: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> Answers:
     """Per problem, per sample: a key that is equal exactly for samples giving the same answer, as the grader sees
     it. Graded-correct samples all equal the gold, so they share one key; wrong ones are grouped by `_canonical`,
-    then merged where math-verify (the grader's timeout-safe pool) accepts one for the other. A key is the
+    then merged where math-verify (the grader's timeout-safe pool) accepts one for the other; in a problem that
+    no sample solved, where grouping cannot change a vote's verdict, only by `_canonical`. A key is the
     whitespace-free answer of the group's first sample."""
     keys = [[None if a is None or ok else _canonical(a) for a, ok in zip(ans, oks, strict=True)]
             for ans, oks in zip(extracted, correct, strict=True)]
@@ -114,7 +115,8 @@ def vote_keys(extracted: Sequence[Sequence[str | None]], correct: Sequence[Seque
             if k is not None:
                 first[p].setdefault(k, a)
         counts = Counter(k for k in ks if k is not None)
-        top = sorted(counts, key=lambda k: -counts[k])[:VOTE_TOP]  # stable: ties in order of first vote
+        # stable sort: ties in order of first vote; with no correct sample any majority is wrong: nothing to merge
+        top = sorted(counts, key=lambda k: -counts[k])[:VOTE_TOP] if any(correct[p]) else []
         pairs += [(p, a, b) for i, a in enumerate(top) for b in top[i + 1:]
                   if not (isinstance(a, Fraction) and isinstance(b, Fraction))]
     same = verify_answers([first[p][a] for p, a, _ in pairs], [first[p][b] for p, _, b in pairs])

@@ -90,10 +90,10 @@ def test_majority_vote_bounds_its_math_verify_checks(monkeypatch):
         return verify_answers(golds, preds, *a, **k)
 
     monkeypatch.setattr(ev, "verify_answers", counting)
-    wrong = [f"\\boxed{{x + {i}}}" for i in range(30)]  # 30 distinct wrong symbolic answers
-    correct, answers = score([wrong], ["1"])
-    assert sum(sent) <= ev.VOTE_TOP * (ev.VOTE_TOP - 1) // 2
-    assert len(set(answers[0])) == 30 and summarize(correct, answers, k=30)["maj@30"] == 0.0
+    samples = ["\\boxed{1}"] + [f"\\boxed{{x + {i}}}" for i in range(30)]  # 30 distinct wrong symbolic answers
+    correct, answers = score([samples], ["1"])
+    assert sum(sent) == ev.VOTE_TOP * (ev.VOTE_TOP - 1) // 2  # every pair among the 12 most voted, no more
+    assert len(set(answers[0])) == 31 and summarize(correct, answers, k=31)["maj@31"] == 1.0  # a 1-1 tie: first
 
 
 @needs_data
