@@ -4,9 +4,9 @@
 
 Prints a table and one JSON line. "simple" answers are integers (the fast path never reaches math-verify);
 "simple, math-verify" are the same checks made to go through the worker pool; "hard" are fractions,
-intervals, matrices, sets and equations. Every math-verify rate is timed on distinct answers that neither the
-verdict memo nor the workers' parse caches have seen (the memo's hit rate in those runs is printed: 0); "hard,
-memoised" scores the same hard pairs again, as RL revisiting its prompts does, with the memo's hit rate.
+intervals, matrices, sets and equations. Every math-verify rate is timed on distinct pairs the verdict memo has
+not seen (its hit rate in those runs is printed: 0); "hard, memoised" scores the same hard pairs again, as RL
+revisiting its prompts does, with the memo's hit rate.
 """
 
 import argparse
@@ -52,7 +52,7 @@ def main() -> None:
     golds = [str(i * 7919 % 1000 + 1000 * (i // 1000)) for i in range(args.n)]  # distinct
     preds = [str(int(g) + (i % 2)) for i, g in enumerate(golds)]
     hard = (HARD * (args.n // len(HARD) + 1))[:args.n]
-    # distinct strings, none of them the warm-up's: neither the verdict memo nor the workers' parses serve repeats
+    # distinct pairs, none of them the warm-up's, so that the verdict memo cannot serve repeats
     hard_golds = [g + " " * (1 + i // len(HARD)) for i, (g, _) in enumerate(hard)]
     hard_preds = [p + " " * (1 + i // len(HARD)) for i, (_, p) in enumerate(hard)]
     forget_verdicts()  # the timed pairs are new to the memo

@@ -8,7 +8,6 @@ so a pathological answer costs its timeout, scores 0, and its worker is replaced
 from __future__ import annotations
 
 import re
-import signal
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -125,36 +124,16 @@ def _fast_verdict(gold: str, pred: str) -> float | None:
     return None
 
 
-# Worker side: parses by answer string. A problem's gold is checked against each of its samples, and a vote
-# compares each answer with several others, so most parses repeat.
-_PARSED: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
-PARSE_CACHE_SIZE = 4096
-
-
-def _parsed(answer: str) -> tuple[Any, ...]:
-    """math-verify's parse of a bare answer. Kept only while the pool's per-item alarm (rewards.pool) is still
-    pending: math-verify swallows an interrupting TimeoutError and may return a wrong fallback parse."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    if (hit := _PARSED.get(answer)) is not None:
-        _PARSED.move_to_end(answer)
-        return hit
-    # A bare answer can parse to nothing: math-verify wants a delimiter, and \boxed{} is the strongest.
-    cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
-    parsed = tuple(parse("\\boxed{" + answer + "}", extraction_config=cfg, parsing_timeout=None))
-    if signal.getitimer(signal.ITIMER_REAL)[0] > 0:
-        _PARSED[answer] = parsed
-        if len(_PARSED) > PARSE_CACHE_SIZE:
-            _PARSED.popitem(last=False)
-    return parsed
-
-
 def check(item: tuple[str, str]) -> float:
     """Worker side: 1.0 if math-verify accepts `pred` for `gold` (both bare LaTeX answers), else 0.0."""
-    from math_verify import verify
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    g, p = (_parsed(a) for a in item)
-    return float(bool(g and p and verify(list(g), list(p), timeout_seconds=None)))
+    cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold, pred = item
+    # A bare answer can parse to nothing: math-verify wants a delimiter, and \boxed{} is the strongest.
+    g = parse("\\boxed{" + gold + "}", extraction_config=cfg, parsing_timeout=None)
+    p = parse("\\boxed{" + pred + "}", extraction_config=cfg, parsing_timeout=None)
+    return float(bool(g and p and verify(g, p, timeout_seconds=None)))
 
 
 def worker_init() -> None:

@@ -273,30 +273,6 @@ def test_memo_counts_its_hits():
     assert memo_counts() == (0, 0)
 
 
-def test_a_parse_the_alarm_interrupted_is_not_kept(monkeypatch):
-    """Workers keep parses by answer, but math-verify swallows the pool's alarm mid-parse and returns a fallback
-    (here the product parses to 1): such a parse must never answer a later check of the same answer."""
-    import signal
-
-    import rewards.math as rm
-
-    def on_alarm(*_):
-        raise TimeoutError
-
-    monkeypatch.setattr(rm, "_PARSED", rm.OrderedDict())
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        rm._parsed("1")  # imports math-verify outside the timed parses
-        slow = "\\prod_{k=1}^{10^9} k"
-        signal.setitimer(signal.ITIMER_REAL, 0.001)  # fires during the parse (tens of ms)
-        rm._parsed(slow)
-        signal.setitimer(signal.ITIMER_REAL, 60)  # an item's alarm that does not fire
-        assert slow not in rm._PARSED and rm._parsed("\\frac12") and "\\frac12" in rm._PARSED
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_dead_worker_is_replaced():
     pool = WorkerPool("os:_exit", workers=1, timeout=5)  # every item kills its worker
     try:
