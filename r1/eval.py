@@ -13,15 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from r1.data import TEMPLATES, load_rows, render
 from r1.metrics import group_means, mean_maj_at_k, mean_pass_at_k, pass_at_k
-from rewards.math import extract_answer, gold_answer, math_reward
+from rewards.math import extract_answer, gold_answer, math_reward, verify_answers
 from rollouts.base import Engine, SamplingParams
 
 R1_SAMPLING: dict[str, float] = dict(temperature=0.6, top_p=0.95)  # DeepSeek-R1's evaluation decoding
@@ -72,24 +74,83 @@ def load_benchmark(name: str, data: str | None = None, problem_key: str | None =
     return rows[:limit] if limit else rows, b
 
 
-def _canonical(answer: str | None) -> str | None:
-    """Vote key: equal up to whitespace and math delimiters (the grader, not the vote, decides "1/2" == "0.5")."""
-    return None if answer is None else "".join(answer.strip("$ .").split()) or None
+_NUMBER = re.compile(r"[+-]?(?:\d{1,100}(?:\.\d{0,100})?|\.\d{1,100})")
+_FRACTION = re.compile(r"([+-]?)(?:\\[dt]?frac\{(\d{1,100})\}\{(\d{1,100})\}|(\d{1,100})/(\d{1,100}))")
 
 
-Answers = list[list[str | None]]  # per problem, per sample: the canonical extracted answer (None: none found)
+def _canonical(answer: str | None) -> str | Fraction | None:
+    """A vote key before math-verify merges keys: a plain number or fraction is its exact value ("0.5", ".5",
+    "1/2" and "\\frac{1}{2}" are one key, 5 another), anything else the answer without whitespace or enclosing $."""
+    if answer is None:
+        return None
+    s = "".join(answer.split()).strip("$")
+    if _NUMBER.fullmatch(s):
+        return Fraction(s)
+    if (m := _FRACTION.fullmatch(s)) and int(den := m[3] or m[5]):
+        return Fraction(int(m[2] or m[4]), int(den)) * (-1 if m[1] == "-" else 1)
+    return s or None
+
+
+# math-verify comparisons per problem at most when merging its wrong answers' keys: every pair among its 12 most
+# voted ones (rarer answers keep their own key; two values that are both plain numbers are never compared).
+VOTE_TOP = 12
+_GRADED_CORRECT = object()  # the group of a problem's graded-correct samples
+
+Answers = list[list[str | None]]  # per problem, per sample: its vote key (None: no answer found)
+
+
+def vote_keys(extracted: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> Answers:
+    """Per problem, per sample: a key that is equal exactly for samples giving the same answer, as the grader sees
+    it. Graded-correct samples all equal the gold, so they share one key; wrong ones are grouped by `_canonical`,
+    then merged where math-verify (the grader's timeout-safe pool) accepts one for the other; in a problem that
+    no sample solved, where grouping cannot change a vote's verdict, only by `_canonical`. A key is the
+    whitespace-free answer of the group's first sample."""
+    keys = [[None if a is None or ok else _canonical(a) for a, ok in zip(ans, oks, strict=True)]
+            for ans, oks in zip(extracted, correct, strict=True)]
+    pairs: list[tuple[int, Any, Any]] = []  # (problem, key, key) for math-verify
+    first: list[dict[Any, str]] = []  # per problem: key -> its first sample's answer
+    for p, (ans, ks) in enumerate(zip(extracted, keys, strict=True)):
+        first.append({})
+        for a, k in zip(ans, ks, strict=True):
+            if k is not None:
+                first[p].setdefault(k, a)
+        counts = Counter(k for k in ks if k is not None)
+        # stable sort: ties in order of first vote; with no correct sample any majority is wrong: nothing to merge
+        top = sorted(counts, key=lambda k: -counts[k])[:VOTE_TOP] if any(correct[p]) else []
+        pairs += [(p, a, b) for i, a in enumerate(top) for b in top[i + 1:]
+                  if not (isinstance(a, Fraction) and isinstance(b, Fraction))]
+    same = verify_answers([first[p][a] for p, a, _ in pairs], [first[p][b] for p, _, b in pairs])
+    root: list[dict[Any, Any]] = [{} for _ in keys]  # union-find over each problem's keys
+
+    def find(p: int, k: Any) -> Any:
+        while (r := root[p].get(k, k)) != k:
+            k = r
+        return k
+
+    for (p, a, b), eq in zip(pairs, same, strict=True):
+        if eq == 1.0:
+            root[p][find(p, b)] = find(p, a)
+    out: Answers = []
+    for ans, oks, ks in zip(extracted, correct, keys, strict=True):
+        p = len(out)
+        group_first: dict[Any, str] = {}
+        row: list[str | None] = []
+        for a, ok, k in zip(ans, oks, ks, strict=True):
+            g = None if a is None else _GRADED_CORRECT if ok else find(p, k)  # a group; its key: its first answer
+            row.append(None if g is None else group_first.setdefault(g, "".join(a.split()).strip("$")))
+        out.append(row)
+    return out
 
 
 def score(completions: Sequence[Sequence[str]], golds: Sequence[str]) -> tuple[list[list[bool]], Answers]:
-    """Per problem, per sample: graded correct (rewards.math.math_reward) and the canonical extracted answer."""
+    """Per problem, per sample: graded correct (rewards.math.math_reward) and its vote key (`vote_keys`)."""
     flat = [c for cs in completions for c in cs]
     rewards = math_reward(flat, [g for cs, g in zip(completions, golds, strict=True) for _ in cs])
-    correct, answers, i = [], [], 0
+    correct, i = [], 0
     for cs in completions:
         correct.append([r == 1.0 for r in rewards[i:i + len(cs)]])
-        answers.append([_canonical(extract_answer(c)) for c in cs])
         i += len(cs)
-    return correct, answers
+    return correct, vote_keys([[extract_answer(c) for c in cs] for cs in completions], correct)
 
 
 def summarize(correct: list[list[bool]], answers: Answers, k: int,

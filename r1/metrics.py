@@ -1,8 +1,9 @@
 """Evaluation statistics as pure functions over plain Python lists.
 
 One problem has n sampled answers; `correct[j]` says whether sample j was graded right and `answers[j]`
-is its extracted, canonicalised answer (any hashable key; None when nothing could be extracted). The
-grader decides equivalence ("1/2" vs "0.5"); here equal keys mean equal answers.
+is its vote key (any hashable key; None when nothing could be extracted). The caller makes keys equal
+exactly for the same answer (r1.eval.vote_keys puts "1/2" and "0.5" together, 5 apart); here equal keys
+mean equal answers.
 """
 
 from __future__ import annotations

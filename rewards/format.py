@@ -24,7 +24,8 @@ def format_reward(completions: list, think_in_prompt: bool = False, **_: Any) ->
     out = []
     for c in completions:
         t = text_of(c)
-        ok = pattern.fullmatch(t) is not None and all(t.count(tag) == n for tag, n in need.items())
+        # counts first: with each tag once the lazy pattern is linear; with repeated tags it is quadratic
+        ok = all(t.count(tag) == n for tag, n in need.items()) and pattern.fullmatch(t) is not None
         out.append(float(ok))
     return out
 
@@ -42,7 +43,9 @@ _SCRIPTS: dict[str, str] = {
 }
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _WORD = re.compile(r"[^\W\d_]+")
-_MATH = re.compile(r"\$\$.*?\$\$|\$[^$]*\$|\\\(.*?\\\)|\\\[.*?\\\]|\\[A-Za-z]+|```.*?```", re.S)
+# \( and \[ span up to their closer and never over another opener, so that many unclosed openers do not each
+# scan to the end of the text (quadratic); the other openers are their own closers.
+_MATH = re.compile(r"\$\$.*?\$\$|\$[^$]*\$|\\\((?:(?!\\\().)*?\\\)|\\\[(?:(?!\\\[).)*?\\\]|\\[A-Za-z]+|```.*?```", re.S)
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.S)
 
 

@@ -16,42 +16,77 @@ from typing import Any
 from rewards.pool import shared_pool
 from rewards.registry import text_of
 
+# Extraction runs in the trainer's process, outside the pool's timeout, on whatever the policy wrote (RL's
+# repetition loops included): each extractor reads only the last TAIL_CHARS characters, where a final answer
+# is, in one pass with no backtracking regex. An answer followed by more than this much text is not seen.
+TAIL_CHARS = 1 << 15
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_BRACE = re.compile(r"[{}]")
+_BARE_TOKEN = re.compile(r"[^\s$]+")
+
+
+def _closing_braces(text: str) -> dict[int, int]:
+    """Position of each '{' -> the '}' that closes it (braces that never close are absent), in one pass."""
+    close: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            close[stack.pop()] = m.start()
+    return close
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (nested braces) or \\boxed x; None if there is none or it is unclosed."""
-    for m in reversed(list(_BOXED.finditer(text))):
+    text = text[-TAIL_CHARS:]
+    heads = list(_BOXED.finditer(text))
+    close = _closing_braces(text) if heads else {}
+    for m in reversed(heads):
         i = m.end()
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    return text[i + 1:j].strip()
+            if (j := close.get(i)) is not None:
+                return text[i + 1:j].strip()
             continue  # unclosed: try an earlier one
-        if m.group().endswith(" ") and (tok := re.match(r"[^\s$]+", text[i:])):
+        if m.group().endswith(" ") and (tok := _BARE_TOKEN.match(text, i)):
             return tok.group().rstrip(".,")
     return None
 
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+?)\s*(?:\.\s|\.?$|\n)", re.I | re.M)
-
-
 def answer_tag(text: str) -> str | None:
     """The last <answer>...</answer>; a \\boxed{} or 'the answer is' inside it wins over the whole text."""
-    tags = _ANSWER_TAG.findall(text)
-    if not tags:
+    text = text[-TAIL_CHARS:]
+    start = text.rfind("<answer>", 0, max(text.rfind("</answer>"), 0))
+    if start < 0:
         return None
-    inner = tags[-1]
+    start += len("<answer>")
+    inner = text[start:text.index("</answer>", start)]
     return last_boxed(inner) or answer_is(inner) or inner.strip()
 
 
+_ANSWER_IS = re.compile(r"answer\s+is", re.I)
+_SPACE = re.compile(r"\s*")
+_SENTENCE_END = re.compile(r"\.(?:\s|$)")  # searched within one line
+
+
 def answer_is(text: str) -> str | None:
-    """What follows the last '(final) answer is', up to the end of the sentence or line."""
-    found = _ANSWER_IS.findall(text)
-    return found[-1].strip().strip("$").strip() if found else None
+    """What follows the last '(final) answer is' (and an optional colon), up to the end of the sentence or line."""
+    text = text[-TAIL_CHARS:]
+    content_end = len(text.rstrip("\n"))
+    last = None
+    for m in _ANSWER_IS.finditer(text):
+        if m.end() < content_end:  # something other than newlines follows
+            last = m
+    if last is None:
+        return None
+    i = _SPACE.match(text, last.end()).end()
+    if text.startswith(":", i):
+        i = _SPACE.match(text, i + 1).end()
+    line_end = text.find("\n", i)
+    line = text[i:line_end if line_end >= 0 else len(text)]
+    if stop := _SENTENCE_END.search(line, 1):  # the answer's own first character may be a '.', as in ".5"
+        line = line[:stop.start()]
+    return line.strip().strip("$").strip()
 
 
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
@@ -113,12 +148,20 @@ def worker_init() -> None:
 _VERDICTS: OrderedDict[tuple[str, str], float] = OrderedDict()
 _VERDICTS_LOCK = threading.Lock()  # reward functions may run in threads
 VERDICT_CACHE_SIZE = 1 << 16
+_MEMO_COUNTS = {"hits": 0, "misses": 0}  # distinct non-integer pairs looked up in the memo, since forget_verdicts
 
 
 def forget_verdicts() -> None:
-    """Empty the memo (benchmarks that time the checks, tests)."""
+    """Empty the memo and its hit counts (benchmarks that time the checks, tests)."""
     with _VERDICTS_LOCK:
         _VERDICTS.clear()
+        _MEMO_COUNTS.update(hits=0, misses=0)
+
+
+def memo_counts() -> tuple[int, int]:
+    """(hits, misses): distinct non-integer (gold, pred) pairs the memo answered / sent on, since `forget_verdicts`."""
+    with _VERDICTS_LOCK:
+        return _MEMO_COUNTS["hits"], _MEMO_COUNTS["misses"]
 
 
 def verify_answers(golds: Sequence[Any], preds: Sequence[str | None], timeout: float = 3.0,
@@ -135,6 +178,9 @@ def verify_answers(golds: Sequence[Any], preds: Sequence[str | None], timeout: f
             if k in _VERDICTS:
                 slow[k] = _VERDICTS[k]
                 _VERDICTS.move_to_end(k)
+                _MEMO_COUNTS["hits"] += 1
+            else:
+                _MEMO_COUNTS["misses"] += 1
     todo = [k for k, v in slow.items() if v is None]
     if todo:
         pool = shared_pool("rewards.math:check", workers, timeout)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from r1.eval import BENCHMARKS, evaluate, format_table, load_benchmark, score, summarize
-from rewards.math import math_reward
+from rewards.math import math_reward, verify_answers
 from rollouts import TorchEngine
 from rollouts.base import SamplingParams
 
@@ -60,6 +60,40 @@ def test_score_reference_solutions(math500):
     correct, answers = score([[wrong, s, wrong] for s in sols], golds)
     s = summarize(correct, answers, k=3)
     assert s["pass@1"] == pytest.approx(1 / 3) and s["pass@3"] == 1.0 and s["maj@3"] == 0.0
+
+
+def _maj(samples: list[str], gold: str) -> float:
+    correct, answers = score([[f"\\boxed{{{s}}}" for s in samples]], [gold])
+    return summarize(correct, answers, k=len(samples))[f"maj@{len(samples)}"]
+
+
+def test_majority_groups_the_same_answer_and_nothing_else():
+    assert _maj([".5", "5", "5"], "0.5") == 0.0  # the majority answer, 5, is wrong (".5" is not "5")
+    assert _maj([".5", ".5", "5"], "0.5") == 1.0
+    assert _maj(["5", "5", ".5", "0.5", "1/2"], "0.5") == 1.0  # three ways to write one half outvote two 5s
+    # wrong answers group too: four halves outvote three right 3s; sqrt(8) and 2 sqrt(2) by math-verify only
+    assert _maj(["0.5", ".5", "1/2", "\\frac{1}{2}", "3", "3", "3"], "3") == 0.0
+    assert _maj(["3", "\\sqrt{8}", "2\\sqrt{2}"], "3") == 0.0
+    assert _maj(["\\sqrt{8}", "3", "2\\sqrt{3}", "3"], "3") == 1.0  # sqrt(8) and 2 sqrt(3) differ
+    _, [keys] = score([[f"\\boxed{{{s}}}" for s in ["0.5", ".5", "1/2", "\\frac{1}{2}", "5", "0.50", "-0.5", "50"]]],
+                      ["7"])
+    assert keys[0] == keys[1] == keys[2] == keys[3] == keys[5] and len({keys[0], keys[4], keys[6], keys[7]}) == 4
+
+
+def test_majority_vote_bounds_its_math_verify_checks(monkeypatch):
+    import r1.eval as ev
+
+    sent = []
+
+    def counting(golds, preds, *a, **k):  # the real checker, recording how many pairs it is given
+        sent.append(len(golds))
+        return verify_answers(golds, preds, *a, **k)
+
+    monkeypatch.setattr(ev, "verify_answers", counting)
+    samples = ["\\boxed{1}"] + [f"\\boxed{{x + {i}}}" for i in range(30)]  # 30 distinct wrong symbolic answers
+    correct, answers = score([samples], ["1"])
+    assert sum(sent) == ev.VOTE_TOP * (ev.VOTE_TOP - 1) // 2  # every pair among the 12 most voted, no more
+    assert len(set(answers[0])) == 31 and summarize(correct, answers, k=31)["maj@31"] == 1.0  # a 1-1 tie: first
 
 
 @needs_data

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from rewards.math import extract_answer, gold_answer, last_boxed, math_reward, verify_answers
+from rewards.format import format_reward, language_reward
+from rewards.math import (
+    answer_is,
+    extract_answer,
+    forget_verdicts,
+    gold_answer,
+    last_boxed,
+    math_reward,
+    memo_counts,
+    verify_answers,
+)
 from rewards.pool import WorkerPool, shared_pool
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -59,14 +69,66 @@ CASES = [
 ]
 
 
-def test_table_size():
-    assert len(CASES) >= 60
-
-
 def test_table():
     got = math_reward([c for c, _, _ in CASES], [g for _, g, _ in CASES])
     wrong = [(c, g, e, s) for (c, g, e), s in zip(CASES, got, strict=True) if s != e]
     assert not wrong, wrong
+
+
+def test_answer_is():
+    assert answer_is("So the answer is .5. Done") == ".5"  # a leading dot is the answer's, a final one is not
+    assert answer_is("The final answer is: $\\frac{3}{4}$.\nCheck: ok") == "\\frac{3}{4}"
+    assert answer_is("the answer is\n\n42") == "42"
+    assert answer_is("the answer is 5. Then again, the answer is 7.") == "7"
+    assert answer_is("I would say the answer is that the answer is 12.") == "12"  # the last statement
+    assert answer_is("the answer is 5.\nbut what is the answer is\n\n") == "5"  # the last one has no answer
+    assert answer_is("the answer is x = 2.5 cm") == "x = 2.5 cm"
+    assert answer_is("no final statement") is None
+
+
+# Repetition loops, common early in RL, that made a regex backtrack or rescan (7 to 75 s for one call at these
+# sizes): extraction and the format rewards run in the trainer's process, outside the pool's timeout.
+REPETITIVE = {
+    "unclosed boxed": "\\boxed{" * 20000,
+    "unclosed boxed in an answer tag": "<answer>" + "\\boxed{" * 20000 + "</answer>",
+    "unclosed answer tags": "<answer>" * 20000,
+    "answer is, then spaces": "the answer is" + " " * 200000 + "x",
+    "spaces inside the answer line": "the answer is 5" + " " * 30000 + "x",  # within the tail extraction reads
+    "spaces inside a long answer line": "the answer is 5" + " " * 200000 + "x",
+    "answer is, then newlines": "the answer is" + "\n" * 200000,
+    "newlines inside the tail": "the answer is" + "\n" * 30000,
+    "answer is, repeated": "the answer is " * 20000,
+    "boxed without braces": "\\boxed $" * 60000,
+}
+REPETITIVE_FORMAT = {
+    "closing tags repeated": "<think>" + "</think><answer>" * 20000,
+    "closing tags repeated, think in prompt": "</think>" + " " * 20000 + "x</think><answer>" * 20000,
+    "unclosed \\(": "\\(" * 20000,
+    "unclosed \\[": "\\[" * 20000,
+}
+
+
+def _seconds(fn, *args, **kw) -> float:
+    t = time.perf_counter()
+    fn(*args, **kw)
+    return time.perf_counter() - t
+
+
+@pytest.mark.parametrize("name", REPETITIVE)
+def test_extraction_is_linear_and_bounded(name):
+    text = REPETITIVE[name]
+    for extract in [("boxed",), ("answer_tag",), ("answer_is",), ("boxed", "answer_tag", "answer_is")]:
+        assert _seconds(extract_answer, text, extract) < 0.5, extract
+    # an answer after the loop is still found
+    assert extract_answer(text + " so \\boxed{7}") == "7"
+
+
+@pytest.mark.parametrize("name", REPETITIVE_FORMAT)
+def test_format_rewards_are_linear(name):
+    text = REPETITIVE_FORMAT[name]
+    assert _seconds(format_reward, [text]) < 0.5
+    assert _seconds(format_reward, [text], think_in_prompt=True) < 0.5
+    assert _seconds(language_reward, [text]) < 0.5
 
 
 def test_extraction():
@@ -112,6 +174,23 @@ def test_math500():
     accepted = sum(verify_answers(golds, [last_boxed(r["solution"]) for r in rows]))
     rejected = len(rows) - sum(verify_answers(golds, [_other(golds, i) for i in range(len(golds))]))
     assert accepted >= 498 and rejected >= 498, (accepted, rejected)
+
+
+def test_math500_completions():
+    """MATH-500's gold answers as a model would end its completion: every one scores against its own problem,
+    none against another problem's answer; a long chain of thought before the answer changes nothing."""
+    rows = _rows("math500.jsonl")
+    golds = [r["answer"] for r in rows]
+    others = [_other(golds, i) for i in range(len(golds))]
+    forms = {
+        "solution": [r["solution"] for r in rows],  # MATH's own text, ending in its boxed answer
+        "answer is": [f"Thus the final answer is ${g}$." for g in golds],
+        "answer tag": [f"<think>work</think><answer>{g}</answer>" for g in golds],
+        "long thought": ["Let me check this again. " * 3000 + r["solution"] for r in rows],
+    }
+    for name, completions in forms.items():
+        assert sum(math_reward(completions, golds)) == 500, name
+        assert sum(math_reward(completions, others)) == 0, name
 
 
 @pytest.mark.parametrize("name", ["aime24.jsonl", "aime25.jsonl"])
@@ -183,6 +262,15 @@ def test_repeated_pairs_go_to_the_pool_once_and_timeouts_are_retried(monkeypatch
     assert verify_answers(["1"], [slow], timeout=0.5) == [0.0]
     assert sent[1:] == [[("1", slow)], [("1", slow)]]
     assert ("1", slow) not in rm._VERDICTS
+
+
+def test_memo_counts_its_hits():
+    forget_verdicts()
+    golds, preds = ["\\frac12", "\\frac12", "\\frac12", "3"], ["0.5", "1/3", "0.5", "3"]  # 2 distinct pairs, 1 integer
+    assert verify_answers(golds, preds) == [1.0, 0.0, 1.0, 1.0] and memo_counts() == (0, 2)
+    assert verify_answers(golds, preds) == [1.0, 0.0, 1.0, 1.0] and memo_counts() == (2, 2)
+    forget_verdicts()
+    assert memo_counts() == (0, 0)
 
 
 def test_dead_worker_is_replaced():
