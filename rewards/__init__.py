@@ -2,8 +2,8 @@
 
 
 def shutdown() -> None:
-    """Stop the reward worker processes and reap what sandboxed programs left; rewards can still be called after
-    (they start fresh workers). Also run at interpreter exit."""
+    """Stop the reward worker processes and reap what sandboxed programs left behind. Rewards still work after
+    it (they start fresh workers); the pools are also closed at interpreter exit."""
     from rewards.pool import close_pools
     from rewards.sandbox import reap_orphans
 

@@ -8,7 +8,9 @@ Three test shapes (the `tests` column; a JSON string is decoded first):
 For the first two the tests never enter the sandbox: they run here, in the trusted process, and every call
 to a function of the program is a request to the sandbox, which answers with plain data (rewards/wire.py).
 So the verdict is the harness's own evaluation of the assert; the program's exit code, prints, exit calls
-or monkeypatching cannot reach it. A stdin/stdout test passes when the output is right and the exit code 0.
+or monkeypatching cannot reach it. The program's word is taken for nothing but the names of its functions:
+the test code sees a fixed allow-list of modules (TEST_MODULES), and a builtin's name resolves to the program
+only as the entry point. A stdin/stdout test passes when the output is right and the exit code 0.
 """
 
 from __future__ import annotations

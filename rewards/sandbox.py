@@ -109,8 +109,16 @@ def _python_dirs() -> list[str]:
     return keep
 
 
-@functools.cache
+_ROOT_LOCK = threading.Lock()
+
+
 def _root(tmpfs_mb: int) -> tuple[str, str]:
+    with _ROOT_LOCK:  # concurrent first runs build it once
+        return _build_root(tmpfs_mb)
+
+
+@functools.cache
+def _build_root(tmpfs_mb: int) -> tuple[str, str]:
     """A skeleton root (mount points only, root-owned, built once) and the fstab that fills it in each run's
     mount namespace: one `mount -a` (one exec) for every mount; /tmp of the root is mounted first."""
     root = tempfile.mkdtemp(prefix="r1-sandbox-root-")
@@ -152,13 +160,14 @@ def _env(home: str) -> dict[str, str]:
 
 
 def _argv(level: str, uid: int, lim: Limits) -> list[str]:
-    """The runner sets its own limits, chroot and uid (`_runner.confine`) before it reads the program."""
-    root = _root(lim.file_mb * 4)[0] if level == "namespaces" else ""
+    """The runner sets its own limits, chroot and uid (`_confine` in rewards/_runner.py) before it reads the
+    program: two execs fewer than prlimit and setpriv, and the chroot needs root after the mounts."""
+    root, fstab = _root(lim.file_mb * 4) if level == "namespaces" else ("", "")
     conf = {"rlimits": lim.rlimits(), "uid": uid if level in ("namespaces", "uid") else None, "root": root,
             "no_new_privs": level == "uid"}  # in the chroot every mount is nosuid instead
     cmd = [sandbox_python(), "-S", "-I", "-B", "-c", RUNNER, json.dumps(conf)]
     if level == "namespaces":
-        cmd = [*_NS, "/bin/sh", "-c", f"mount -a -T {_root(lim.file_mb * 4)[1]} && exec \"$@\"", "sh", *cmd]
+        cmd = [*_NS, "/bin/sh", "-c", f"mount -a -T {fstab} && exec \"$@\"", "sh", *cmd]
     return cmd
 
 
