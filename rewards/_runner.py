@@ -1,4 +1,7 @@
-"""Runs inside the sandbox, after rewards/wire.py, as `python -S -I -c <wire + this>`; never imported.
+"""Runs inside the sandbox, after rewards/wire.py, as `python -S -I -c <wire + this> <conf>`; never imported.
+
+First it confines itself as rewards/sandbox.py asks in `conf` (JSON): resource limits, then chroot into the
+private root (the namespaces level), then the unprivileged uid; only then does it read the program.
 
 stdin: an 8-byte length, a JSON header {"code", "mode"}, then either the program's input ("stdio") or
 call requests, one JSON line each ("rpc"). In rpc mode the program's own stdin/stdout are /dev/null and
@@ -21,7 +24,29 @@ def _read_exact(n):
     return buf
 
 
+def _confine(conf):
+    import resource
+
+    for res, value in conf["rlimits"]:
+        resource.setrlimit(res, (value, value))
+    if conf["root"]:
+        os.chroot(conf["root"])
+        os.chdir("/tmp")
+        os.environ.pop("PWD", None)  # the trainer's directory, as /bin/sh passed it on
+    if conf["no_new_privs"]:  # no setuid binary may give the uid back (the chroot has only nosuid mounts)
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+            sys.exit(4)
+    if conf["uid"] is not None:
+        os.setgroups([])
+        os.setresgid(conf["uid"], conf["uid"], conf["uid"])
+        os.setresuid(conf["uid"], conf["uid"], conf["uid"])
+    sys.argv = ["solution.py"]
+
+
 def _main():
+    _confine(json.loads(sys.argv[1]))
     meta = json.loads(_read_exact(int.from_bytes(_read_exact(8), "little")))
     ns = {"__name__": "__main__", "__builtins__": __builtins__}
     if meta["mode"] == "stdio":
@@ -41,8 +66,7 @@ def _main():
     except BaseException as e:  # noqa: BLE001 - SystemExit included: the tests never ran
         reply({"e": [type(e).__name__, str(e)[:300]]})
         return
-    reply({"names": [k for k, v in ns.items() if callable(v) and not k.startswith("__")],
-           "modules": {k: v.__name__ for k, v in ns.items() if type(v) is type(os)}})
+    reply({"names": [k for k, v in ns.items() if callable(v) and not k.startswith("__")]})
     for line in rin:
         req = json.loads(line)
         try:

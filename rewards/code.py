@@ -8,7 +8,9 @@ Three test shapes (the `tests` column; a JSON string is decoded first):
 For the first two the tests never enter the sandbox: they run here, in the trusted process, and every call
 to a function of the program is a request to the sandbox, which answers with plain data (rewards/wire.py).
 So the verdict is the harness's own evaluation of the assert; the program's exit code, prints, exit calls
-or monkeypatching cannot reach it. A stdin/stdout test passes when the output is right and the exit code 0.
+or monkeypatching cannot reach it. The program's word is taken for nothing but the names of its functions:
+the test code sees a fixed allow-list of modules (TEST_MODULES), and a builtin's name resolves to the program
+only as the entry point. A stdin/stdout test passes when the output is right and the exit code 0.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import builtins
 import importlib
 import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,14 @@ class RemoteError(Exception):
     """The program's function raised (or the program died or timed out) while a test called it."""
 
 
+# Exceptions a test may expect from the solution by name. Not StopIteration: raised into `list(map(f, xs))` it
+# would end the iteration early instead of failing the test.
+_RAISABLE = {e.__name__: e for e in (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AttributeError,
+                                     ArithmeticError, OverflowError, LookupError, RuntimeError, RecursionError,
+                                     NotImplementedError, AssertionError, NameError, UnicodeError, OSError,
+                                     FileNotFoundError, MemoryError, Exception)}
+
+
 class _Remote:
     """The sandboxed program as seen by the harness: its functions, callable under deadlines."""
 
@@ -58,56 +67,55 @@ class _Remote:
         if line is None:  # timeout, EOF or oversized reply: nothing more can be asked of this program
             self.dead = True
             raise RemoteError("no reply (timeout, exit, or output limit)")
-        return json.loads(line)
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise RemoteError("malformed reply")
+        return reply
 
     def proxy(self, name: str) -> Callable:
         def call(*args: Any, **kwargs: Any) -> Any:
             payload = json.dumps({"f": name, "a": wire.enc(list(args)), "k": wire.enc(kwargs)}).encode() + b"\n"
             reply = self.request(payload)
             if "e" in reply:
-                typ = getattr(builtins, str(reply["e"][0]), None)  # lets a test expect e.g. ValueError
-                exc = typ if isinstance(typ, type) and issubclass(typ, Exception) else RemoteError
-                raise exc(str(reply["e"][1]))
+                raise _RAISABLE.get(str(reply["e"][0]), RemoteError)(str(reply["e"][1]))
             return wire.dec(reply["r"])
         call.__name__ = name
         return call
 
 
-def _exported(names: list, checks: list[str]) -> list[str]:
-    """The program's functions the tests may call. A builtin name (`sum`) is the program's only when the tests
-    use no other function of it: otherwise a program defining `set = lambda x: 1` would pass
-    `assert set(f(x)) == set(y)`."""
+def _exported(names: list, checks: list[str], entry_point: str | None) -> list[str]:
+    """The program's functions the tests may call: the entry point and the tests' non-builtin names the program
+    defines. A program's `abs` or `set` never replaces Python's in the test code; a builtin-named solution
+    (MBPP 126 is `def sum`) needs `entry_point`, or tests that use that one builtin name and no other."""
     used = set()
     for c in checks:
         try:
             used |= {n.id for n in ast.walk(ast.parse(c)) if isinstance(n, ast.Name)}
         except SyntaxError:  # that test fails when it runs
             pass
-    names = [n for n in names if isinstance(n, str) and n in used]
-    own = [n for n in names if not hasattr(builtins, n)]
-    return own or names
+    names = [n for n in names if isinstance(n, str)]
+    own = [n for n in names if n in used and not hasattr(builtins, n)]
+    if entry_point is not None:
+        return [*own, entry_point] if entry_point in names else own
+    used_builtins = [n for n in used if hasattr(builtins, n)]
+    if not own and len(used_builtins) == 1 and used_builtins[0] in names:
+        return used_builtins
+    return own
 
 
-_NO_IMPORT = {"antigravity", "this", "turtle", "turtledemo", "tkinter", "idlelib", "webbrowser"}
-
-
-def _modules(mods: dict) -> dict[str, Any]:
-    """Stdlib modules the program imported (MBPP tests use the solution's `import sys`), imported here."""
-    out = {}
-    for alias, name in mods.items():
-        if isinstance(name, str) and name.split(".")[0] in sys.stdlib_module_names - _NO_IMPORT \
-                and not hasattr(builtins, alias):
-            try:
-                out[alias] = importlib.import_module(name)
-            except ImportError:
-                pass
-    return out
+# What the test code may see besides its own imports: stdlib modules whose import has no side effect, imported
+# here once, whatever a program says (MBPP 596's tests use `sys` that its solution imported).
+TEST_MODULES = {name: importlib.import_module(name) for name in (
+    "bisect", "cmath", "collections", "copy", "datetime", "decimal", "fractions", "functools", "heapq",
+    "itertools", "json", "math", "operator", "random", "re", "statistics", "string", "sys", "typing")}
 
 
 def _run_calls(code: str, tests: Any, test_imports: list[str], per_test: float, total: float,
-               limits: Limits) -> list[bool]:
+               limits: Limits, entry_point: str | None) -> list[bool]:
     """Assert or HumanEval tests, evaluated here against the sandboxed program's functions."""
     checks = [tests["test"]] if isinstance(tests, dict) else list(tests)
+    if isinstance(tests, dict):
+        entry_point = tests["entry_point"]
     deadline = time.monotonic() + total
     with Run(code, "rpc", limits) as run:
         remote = _Remote(run, per_test, deadline)
@@ -115,11 +123,10 @@ def _run_calls(code: str, tests: Any, test_imports: list[str], per_test: float, 
             hello = remote.request(b"")
         except (RemoteError, ValueError):
             return [False] * len(checks)
-        if "names" not in hello:  # the program itself raised (or called exit) before any test
+        if not isinstance(hello.get("names"), list):  # the program raised (or called exit) before any test
             return [False] * len(checks)
-        env: dict[str, Any] = {"__builtins__": builtins, "__name__": "__test__"}
-        env.update(_modules(hello.get("modules", {})))
-        env.update({n: remote.proxy(n) for n in _exported(hello["names"], checks)})
+        env: dict[str, Any] = {"__builtins__": builtins, "__name__": "__test__", **TEST_MODULES}
+        env.update({n: remote.proxy(n) for n in _exported(hello["names"], checks, entry_point)})
         try:
             for imp in test_imports:
                 exec(imp, env)
@@ -130,7 +137,7 @@ def _run_calls(code: str, tests: Any, test_imports: list[str], per_test: float, 
             try:
                 exec(compile(check, "<test>", "exec"), env)
                 if isinstance(tests, dict):
-                    env["check"](remote.proxy(tests["entry_point"]))
+                    env["check"](remote.proxy(entry_point))
                 results.append(True)
             except Exception:  # noqa: BLE001 - AssertionError, RemoteError, TypeError...: this test failed
                 results.append(False)
@@ -171,13 +178,14 @@ _SHAPES: dict[str, Callable[[Any], bool]] = {
 
 
 def run_tests(code: str, tests: Any, test_imports: list[str] | None = None, per_test: float = 5.0,
-              total: float = 20.0, limits: Limits | None = None) -> list[bool]:
-    """Pass/fail per test of `code` (already extracted) against `tests` in one of the three shapes."""
+              total: float = 20.0, limits: Limits | None = None, entry_point: str | None = None) -> list[bool]:
+    """Pass/fail per test of `code` (already extracted) against `tests` in one of the three shapes.
+    `entry_point` names the solution of a list of asserts when it is named like a builtin."""
     tests = _parse_tests(tests)
     limits = limits or Limits(cpu_s=int(total) + 1)
     runners = {
         "stdio": lambda: _run_stdio(code, tests, per_test, total, limits),
-        "calls": lambda: _run_calls(code, tests, list(test_imports or []), per_test, total, limits),
+        "calls": lambda: _run_calls(code, tests, list(test_imports or []), per_test, total, limits, entry_point),
     }
     for shape, matches in _SHAPES.items():
         if matches(tests):
@@ -187,21 +195,24 @@ def run_tests(code: str, tests: Any, test_imports: list[str] | None = None, per_
 
 
 def code_reward(completions: list, tests: list | None = None, test_list: list | None = None,
-                test_imports: list | None = None, partial: bool = True, per_test: float = 5.0,
-                total: float = 20.0, workers: int = 2, **_: Any) -> list[float | None]:
+                test_imports: list | None = None, entry_point: list | None = None, partial: bool = True,
+                per_test: float = 5.0, total: float = 20.0, workers: int = 2, **_: Any) -> list[float | None]:
     """Fraction of tests passed (or 1/0 with partial=False); None for rows without tests.
 
     `tests` (or MBPP's `test_list`) is a column of test specs; completions may wrap the code in ```python.
+    `entry_point` (optional column) names the solution function of assert tests (HumanEval dicts carry theirs).
     """
     specs = tests if tests is not None else test_list
     if specs is None:
         return [None] * len(completions)
     imports = test_imports or [None] * len(completions)
+    entries = entry_point or [None] * len(completions)
 
     def score(i: int) -> float | None:
         if specs[i] is None:
             return None
-        passed = run_tests(extract_code(text_of(completions[i])), specs[i], imports[i], per_test, total)
+        passed = run_tests(extract_code(text_of(completions[i])), specs[i], imports[i], per_test, total,
+                           entry_point=entries[i])
         if not passed:
             return 0.0
         frac = sum(passed) / len(passed)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
+import signal
 import statistics
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rewards.registry import RewardFn, get_reward
@@ -24,13 +27,36 @@ def _columns(rows: Sequence[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+@contextlib.contextmanager
+def _watch_sigint() -> Iterator[list]:
+    """Notes a SIGINT that reaches this process while the block runs: a KeyboardInterrupt then is a real Ctrl-C
+    of the trainer, to honour; without one it was raised by a reward's code, and is that reward's error.
+    Python delivers SIGINT to the main thread only, so elsewhere no KeyboardInterrupt is a real one."""
+    seen: list = []
+    prev = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(prev):
+        yield seen  # SIG_IGN: no Ctrl-C at all; SIG_DFL: a Ctrl-C ends the process without an exception
+        return
+
+    def note(signum: int, frame: Any) -> Any:
+        seen.append(signum)
+        return prev(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
 class RewardSet:
     """`RewardSet([("math", 1.0), ("format", 0.2)])(completions, rows) -> (total, per_reward)`.
 
     Columns are passed TRL-style as keyword lists. None from a reward means "not applicable": it is left
     out of that reward's mean and counts 0 in the weighted total (TRL does the same with nan). With
     on_error="zero" a failing reward scores 0 for the affected rows and logs a line naming it and the row;
-    "raise" stops with RewardError.
+    "raise" stops with RewardError. Any BaseException a reward raises (SystemExit, GeneratorExit, a
+    KeyboardInterrupt of its own) is such a failure; a real Ctrl-C (SIGINT) of the trainer still stops it.
     """
 
     def __init__(self, rewards: Sequence[tuple[str, float]] | Sequence[tuple[str, float, RewardFn]],
@@ -58,10 +84,16 @@ class RewardSet:
 
     def _run(self, name: str, fn: RewardFn, completions: list, cols: dict[str, list]) -> list[float | None]:
         n = len(completions)
-        try:
-            out = fn(completions, **cols)
-        except Exception as e:  # noqa: BLE001 - a user plugin may raise anything; the policy decides
-            return self._fail(name, None, f"{type(e).__name__}: {e}", n)
+        with _watch_sigint() as sigint:
+            try:  # the checks too: a returned value's __iter__ or __float__ is the reward's code as well
+                return self._checked(name, fn(completions, **cols), n)
+            except BaseException as e:  # noqa: BLE001 - a reward must not end the trainer; the policy decides
+                if (isinstance(e, KeyboardInterrupt) and sigint) or \
+                        (isinstance(e, RewardError) and self.on_error == "raise"):
+                    raise
+                return self._fail(name, None, f"{type(e).__name__}: {e}", n)
+
+    def _checked(self, name: str, out: Any, n: int) -> list[float | None]:
         try:
             out = list(out)
         except TypeError:

@@ -37,6 +37,21 @@ def load(path: str) -> Callable:
     return getattr(import_module(mod), name)
 
 
+def end_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group `proc` leads (started with start_new_session), close its pipes, reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for f in (proc.stdin, proc.stdout):
+        try:
+            if f is not None:
+                f.close()
+        except OSError:
+            pass
+    proc.wait()
+
+
 def _frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return _HDR.pack(len(data)) + data
@@ -114,16 +129,7 @@ class _Worker:
         return out
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self.proc.wait()
+        end_group(self.proc)
 
 
 class WorkerPool:
@@ -224,6 +230,11 @@ def shared_pool(target: str, workers: int, timeout: float, memory_mb: int | None
 
 
 @atexit.register
-def _close_all() -> None:
-    for p in _POOLS.values():
-        p.close()
+def close_pools() -> None:
+    """Stop every shared pool's workers; a later call to a pool starts fresh ones."""
+    with _POOLS_LOCK:
+        for p in _POOLS.values():
+            p.close()
+
+
+_close_all = close_pools  # r1/cli.py's name for it until it calls rewards.shutdown()

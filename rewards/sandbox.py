@@ -1,19 +1,23 @@
-"""Run untrusted Python on a plain Linux host: namespaces, an unprivileged uid, resource limits, timeouts.
+"""Run untrusted Python on a plain Linux host: namespaces, a private root, an unprivileged uid, limits, timeouts.
 
 The strongest level available is detected once (`isolation()`), or forced with R1_SANDBOX:
-- "namespaces" (root + util-linux unshare): new network, PID and mount namespaces; fresh tmpfs on /tmp
-  (the working directory), /var/tmp, /dev/shm and /run/lock; the program runs as a per-run unprivileged
-  uid, so RLIMIT_NPROC holds; when the program exits or is killed, the kernel kills everything it started.
-- "uid" (root, no namespaces): the same uid and limits in a fresh host temp directory; NO network isolation;
-  leftovers are killed by uid after the run.
+- "namespaces" (root + util-linux unshare and mount): new network, PID and mount namespaces; the program is
+  chrooted into a root that holds only the Python installation (read-only, nosuid) and a fresh tmpfs /tmp (its
+  working directory) and /dev/shm, plus /proc of its own PID namespace and five character devices; it runs as a
+  per-run unprivileged uid, so RLIMIT_NPROC holds; when it exits or is killed, the kernel kills all it started.
+- "uid" (root, no namespaces): the same uid and limits in a fresh host temp directory; NO network or file
+  isolation; leftovers are killed by uid after the run.
 - "rlimits" (not root): limits and a temp directory only. See rewards/README.md for what each stops.
+Every level starts the program with a minimal environment (PATH, LANG, HOME): no token of the trainer's.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -25,24 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rewards.pool import end_group
+
 _HERE = Path(__file__).resolve().parent
 RUNNER = (_HERE / "wire.py").read_text() + "\n" + (_HERE / "_runner.py").read_text()
-_TMPFS_DIRS = ("/var/tmp", "/dev/shm", "/run/lock", "/tmp")  # every world-writable directory of the host
-
-
-@functools.cache
-def _fstab(mb: int) -> str:
-    """One `mount -a` for all tmpfs mounts (one exec, not four). Its own source name, or `mount -a` skips
-    a directory the host already has a tmpfs on (/dev/shm); /tmp comes last, since the file lives there."""
-    fd, path = tempfile.mkstemp(prefix="r1-sandbox-fstab-")
-    with os.fdopen(fd, "w") as f:
-        for d in _TMPFS_DIRS:
-            if os.path.isdir(d):
-                f.write(f"r1-sandbox {d} tmpfs size={mb}m,mode=1777,nosuid,nodev 0 0\n")
-    os.chmod(path, 0o644)
-    atexit.register(os.unlink, path)
-    return path
-_NS = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--"]
+_PATH = "/usr/local/bin:/usr/bin:/bin"
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_HOST_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # merged-/usr symlinks, or directories to bind
 
 
 @dataclass(frozen=True)
@@ -55,6 +48,12 @@ class Limits:
     nproc: int = 32
     nofile: int = 64
     output_bytes: int = 1 << 20  # stdout kept; more than this fails the run
+
+    def rlimits(self) -> list[tuple[int, int]]:
+        """(resource, value) pairs the sandboxed interpreter sets on itself before the program runs."""
+        return [(resource.RLIMIT_CPU, self.cpu_s), (resource.RLIMIT_AS, self.memory_mb << 20),
+                (resource.RLIMIT_FSIZE, self.file_mb << 20), (resource.RLIMIT_NOFILE, self.nofile),
+                (resource.RLIMIT_NPROC, self.nproc), (resource.RLIMIT_CORE, 0)]
 
 
 _UIDS_RANGE = (61000, 61512)
@@ -96,25 +95,89 @@ def sandbox_python() -> str:
     raise RuntimeError("no Python interpreter executable by an unprivileged user; install python3")
 
 
+def _python_dirs() -> list[str]:
+    """The Python installation the program may see: /usr (libc, the loader, /bin/sh) and the interpreter's
+    prefixes and directory, at their host paths so that its sys.path stays valid after the chroot."""
+    py = sandbox_python()
+    out = subprocess.run([py, "-S", "-I", "-c", "import sys; print(sys.base_prefix); print(sys.base_exec_prefix)"],
+                         capture_output=True, text=True, env={"PATH": _PATH}, check=True).stdout.split("\n")
+    dirs = sorted({"/usr", os.path.dirname(os.path.realpath(py)), *(os.path.realpath(d) for d in out if d)})
+    keep: list[str] = []
+    for d in dirs:  # sorted: a parent comes before its children
+        if d != "/" and not any(d.startswith(k + "/") for k in keep):
+            keep.append(d)
+    return keep
+
+
+_ROOT_LOCK = threading.Lock()
+
+
+def _root(tmpfs_mb: int) -> tuple[str, str]:
+    with _ROOT_LOCK:  # concurrent first runs build it once
+        return _build_root(tmpfs_mb)
+
+
+@functools.cache
+def _build_root(tmpfs_mb: int) -> tuple[str, str]:
+    """A skeleton root (mount points only, root-owned, built once) and the fstab that fills it in each run's
+    mount namespace: one `mount -a` (one exec) for every mount; /tmp of the root is mounted first."""
+    root = tempfile.mkdtemp(prefix="r1-sandbox-root-")
+    atexit.register(shutil.rmtree, root, True)
+    binds = _python_dirs()
+    for d in ("tmp", "proc", "dev/shm", *(b.lstrip("/") for b in binds)):
+        os.makedirs(f"{root}/{d}")
+    lines = [f"r1-sandbox {root}/tmp tmpfs size={tmpfs_mb}m,mode=1777,nosuid,nodev 0 0"]
+    for d in binds:
+        lines.append(f"{d} {root}{d} none bind,ro,nosuid,nodev 0 0")
+    for name in _HOST_LINKS:
+        host = f"/{name}"
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), f"{root}/{name}")
+        elif os.path.isdir(host) and host not in binds:
+            os.makedirs(f"{root}{host}")
+            lines.append(f"{host} {root}{host} none bind,ro,nosuid,nodev 0 0")
+    for dev in _DEVICES:
+        Path(root, "dev", dev).touch()
+        lines.append(f"/dev/{dev} {root}/dev/{dev} none bind,nosuid,noexec 0 0")
+    if os.path.exists("/etc/ld.so.cache"):  # where the loader finds the libraries of C extension modules
+        os.makedirs(f"{root}/etc")
+        Path(root, "etc", "ld.so.cache").touch()
+        lines.append(f"/etc/ld.so.cache {root}/etc/ld.so.cache none bind,ro,nosuid,nodev 0 0")
+    lines.append(f"r1-sandbox {root}/dev/shm tmpfs size={tmpfs_mb}m,mode=1777,nosuid,nodev 0 0")
+    lines.append(f"proc {root}/proc proc nosuid,nodev,noexec 0 0")
+    fd, fstab = tempfile.mkstemp(prefix="r1-sandbox-fstab-")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(fstab, 0o644)
+    atexit.register(os.unlink, fstab)
+    os.chmod(root, 0o755)
+    return root, fstab
+
+
+def _env(home: str) -> dict[str, str]:
+    """All the program's environment: nothing of the trainer's (tokens for hubs and trackers live there)."""
+    return {"PATH": _PATH, "LANG": "C.UTF-8", "HOME": home}
+
+
 def _argv(level: str, uid: int, lim: Limits) -> list[str]:
-    cmd = [sandbox_python(), "-S", "-I", "-B", "-c", RUNNER]
-    limits = [f"--cpu={lim.cpu_s}", f"--as={lim.memory_mb << 20}", f"--fsize={lim.file_mb << 20}",
-              f"--nofile={lim.nofile}", f"--nproc={lim.nproc}", "--core=0"]
-    if level in ("namespaces", "uid"):  # prlimit before setpriv: NPROC binds once the uid is not root
-        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--", *cmd]
-    cmd = ["prlimit", *limits, "--", *cmd]
+    """The runner sets its own limits, chroot and uid (`_confine` in rewards/_runner.py) before it reads the
+    program: two execs fewer than prlimit and setpriv, and the chroot needs root after the mounts."""
+    root, fstab = _root(lim.file_mb * 4) if level == "namespaces" else ("", "")
+    conf = {"rlimits": lim.rlimits(), "uid": uid if level in ("namespaces", "uid") else None, "root": root,
+            "no_new_privs": level == "uid"}  # in the chroot every mount is nosuid instead
+    cmd = [sandbox_python(), "-S", "-I", "-B", "-c", RUNNER, json.dumps(conf)]
     if level == "namespaces":
-        mounts = f"mount -a -T {_fstab(lim.file_mb * 4)} && cd /tmp && exec \"$@\""
-        cmd = [*_NS, "/bin/sh", "-c", mounts, "sh", *cmd]
+        cmd = [*_NS, "/bin/sh", "-c", f"mount -a -T {fstab} && exec \"$@\"", "sh", *cmd]
     return cmd
+
+
+_NS = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--"]
 
 
 class Run:
     """One sandboxed program. The header (code, mode) is sent at start; then `exchange` talks to it."""
 
     def __init__(self, code: str, mode: str, limits: Limits = Limits(), level: str | None = None) -> None:
-        import json
-
         self.level = level or isolation()
         self.limits = limits
         self.uid = _UIDS.take()
@@ -126,7 +189,7 @@ class Run:
             os.chmod(self.workdir, 0o700)
         self.proc = subprocess.Popen(_argv(self.level, self.uid, limits), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.workdir,
-                                     start_new_session=True, close_fds=True)
+                                     env=_env(self.workdir or "/tmp"), start_new_session=True, close_fds=True)
         os.set_blocking(self.proc.stdout.fileno(), False)
         os.set_blocking(self.proc.stdin.fileno(), False)
         header = json.dumps({"code": code, "mode": mode}).encode()
@@ -177,20 +240,23 @@ class Run:
             return None
 
     def close(self) -> None:
-        """Kill the whole process group (in a PID namespace, killing it takes every descendant along)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
+        """Kill the program and everything it started, and reap them."""
+        if self.level == "namespaces":
+            # Kill the namespace's init, not unshare: unshare then reaps it. Killed together, the init would be
+            # orphaned to PID 1, which is the trainer itself in a container (and never waits for it).
             try:
-                f.close()
-            except OSError:
+                init = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                for pid in init:
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
                 pass
-        self.proc.wait()
+        end_group(self.proc)
         if self.level == "uid":  # no PID namespace: a daemonised child escaped the group; kill all of its uid
             subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--",
-                            "kill", "-9", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            "kill", "-9", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={"PATH": _PATH})
+        if self.level != "rlimits":
+            reap_orphans()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         _UIDS.give(self.uid)
@@ -202,21 +268,47 @@ class Run:
         self.close()
 
 
+def reap_orphans() -> None:
+    """Wait for zombie children of this process that ran as a sandbox uid: processes a program detached are
+    re-parented to PID 1 when killed, and PID 1 is the trainer when it runs as a container's entry point."""
+    for task in os.scandir("/proc/self/task"):
+        try:
+            kids = Path(task.path, "children").read_text().split()
+        except OSError:
+            continue
+        for pid in kids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                zombie = "\nState:\tZ" in status
+                uid = int(status.split("\nUid:")[1].split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+            if zombie and _UIDS_RANGE[0] <= uid < _UIDS_RANGE[1]:
+                try:
+                    os.waitpid(int(pid), os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+
 def _probe(level: str) -> bool:
-    """Does this level work here? Runs a tiny program that must see no network interface but loopback."""
-    code = "import os, socket\nprint(os.getuid(), sorted(n for _, n in socket.if_nameindex()))"
+    """Does this level work here? A tiny program must run as another uid and, with namespaces, see no network
+    interface but loopback and no host file (/etc is not in its root)."""
+    code = "import os, socket\nprint(os.getuid(), os.path.exists('/etc/passwd'), " \
+           "sorted(n for _, n in socket.if_nameindex()))"
     try:
         with Run(code, "stdio", level=level) as run:
             out = run.exchange(b"", time.monotonic() + 20, until_newline=False, close_stdin=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, subprocess.CalledProcessError):
         return False
     if not out:
         return False
-    uid, ifaces = out.decode().split(" ", 1)
-    return (level == "rlimits" or uid != "0") and (level != "namespaces" or ifaces.strip() == "['lo']")
+    uid, etc, ifaces = out.decode().split(" ", 2)
+    return (level == "rlimits" or uid != "0") and \
+        (level != "namespaces" or (ifaces.strip() == "['lo']" and etc == "False"))
 
 
 LEVELS = ("namespaces", "uid", "rlimits")
+_TOOLS = {"namespaces": ("unshare", "mount"), "uid": ("setpriv",), "rlimits": ()}
 
 
 @functools.cache
@@ -229,6 +321,6 @@ def isolation() -> str:
         return forced
     candidates = LEVELS if os.geteuid() == 0 else ("rlimits",)
     for level in candidates:
-        if shutil.which("prlimit") and (level == "rlimits" or shutil.which("setpriv")) and _probe(level):
+        if all(shutil.which(t, path=_PATH) for t in _TOOLS[level]) and _probe(level):
             return level
-    raise RuntimeError("no sandbox level works here (need util-linux prlimit)")
+    raise RuntimeError("no sandbox level works here")
