@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from r1.grpo import (
-    entropy_from_logits,
     group_advantages,
     groups_with_signal,
     k3,
@@ -260,15 +259,3 @@ def test_gspo_clips_whole_sequences():
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0], [g, g]]), atol=1e-7, rtol=0)
     assert m["clip_ratio/high_mean"].item() == pytest.approx(0.5)
     assert m["clip_ratio/low_mean"].item() == 0.0
-
-
-def test_entropy_from_logits():
-    logits = torch.tensor(
-        [
-            [0.0, 0.0, 0.0, 0.0],  # uniform over 4: ln 4
-            [0.0, math.log(3.0), -math.inf, -math.inf],  # p = 1/4, 3/4, 0, 0
-            [5.0, -math.inf, -math.inf, -math.inf],  # one-hot: 0, not NaN
-        ]
-    )
-    expected = torch.tensor([math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), 0.0])
-    torch.testing.assert_close(entropy_from_logits(logits), expected)
