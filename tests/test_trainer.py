@@ -386,3 +386,33 @@ def test_reference_and_inner_updates_side_by_side(model_dir: Path, tmp_path: Pat
     with torch.no_grad():
         direct = sequence_logprobs(load_policy(str(model_dir)).train(), a.ids, a.attn, a.prompt_len, 1.0)[0]
     torch.testing.assert_close(a.old, direct, rtol=0, atol=1e-5)
+
+
+BATCH_ADVANTAGES = """
+import sys, torch
+from r1.trainer import Dist, TrainConfig, advantages
+d = Dist()
+rewards = [float(x) for x in sys.argv[1].split(",")]
+n = len(rewards) // d.world  # rank r holds the r-th slice of whole groups
+adv = advantages(rewards[d.rank * n:(d.rank + 1) * n], TrainConfig(group_size=4, advantage_scale="batch"), d)
+torch.save(adv, f"{sys.argv[2]}/adv{d.rank}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_batch_advantages_are_the_same_on_two_processes(tmp_path: Path) -> None:
+    """advantage_scale=batch: 4 groups of 4 split over 2 processes (gloo) give the advantages of 1 process holding
+    all 16, i.e. every rank scales by the std of the global batch, not of its own half."""
+    from r1.grpo import group_advantages
+
+    # rank 0's half is spread out (std ~4), rank 1's nearly flat (std ~0.6): per-rank scales differ by ~7x
+    rewards = [0.0, 10.0, 2.0, 7.0, 1.0, 9.0, 4.0, 3.0, 0.0, 1.0, 0.5, 1.5, 1.0, 0.0, 1.0, 1.5]
+    script = tmp_path / "adv.py"
+    script.write_text(BATCH_ADVANTAGES)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                        ",".join(map(str, rewards)), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = torch.cat([torch.load(tmp_path / f"adv{i}.pt") for i in range(2)])
+    one = group_advantages(torch.tensor(rewards), 4, scale="batch")
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
