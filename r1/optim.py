@@ -48,6 +48,15 @@ class AdamW(torch.optim.Optimizer):
     def _store(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         return x.to(self.moment_dtype) if gen is None else round_stochastic(x, self.moment_dtype, gen)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts floating state to the parameter's dtype; the moments go back to `moment_dtype`
+        (exact: they were saved in it)."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k].to(self.moment_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
