@@ -403,6 +403,22 @@ def collect(run: Run, pos: Position) -> Collected:
     return c
 
 
+@dataclass
+class Sizes:
+    """The step's batch over all ranks: the loss's global normalisers and the busiest rank's sequence count."""
+    sequences: float
+    tokens: float
+    busiest: int
+
+
+def global_sizes(run: Run, c: Collected) -> Sizes:
+    dist = run.dist
+    totals = dist.all_reduce(torch.tensor([len(c.seqs), sum(len(ro.token_ids) for _, ro in c.seqs)],
+                                          device=dist.device))
+    busiest = int(dist.all_reduce(torch.tensor(len(c.seqs), device=dist.device), "max"))
+    return Sizes(totals[0].item(), totals[1].item(), busiest)
+
+
 def advantages(rewards: list[float], cfg: TrainConfig, dist: Dist) -> Tensor:
     """This rank's advantages. "batch" scaling takes the std over the global batch: every rank's kept rewards,
     gathered, so N processes compute the advantages one process would from the same groups."""
@@ -414,13 +430,13 @@ def advantages(rewards: list[float], cfg: TrainConfig, dist: Dist) -> Tensor:
     return grpo.group_advantages(local, cfg.group_size, scale=cfg.advantage_scale, batch_rewards=batch)
 
 
-def update(run: Run, c: Collected, adv: Tensor, totals: Tensor, most: int) -> dict[str, float]:
+def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float]:
     """mu optimizer steps on the kept sequences, padded to the busiest rank's count so every rank runs the same
     micro-batches (pads have zero mask and zero advantage: no gradient, same collectives)."""
     cfg, dist, policy = run.cfg, run.dist, run.policy
     n_seq = len(c.seqs)
     n_tok_local = sum(len(ro.token_ids) for _, ro in c.seqs)
-    pad = most - n_seq
+    pad = sizes.busiest - n_seq
     seqs = c.seqs + [c.spare] * pad
     ids, attn, cmask, elogp, P = pack([p for p, _ in seqs], [ro.token_ids for _, ro in seqs],
                                       [ro.logprobs for _, ro in seqs], run.tok.pad_token_id or 0)
@@ -428,7 +444,7 @@ def update(run: Run, c: Collected, adv: Tensor, totals: Tensor, most: int) -> di
     adv = torch.cat([adv, torch.zeros(pad)])
     ids, attn, cmask, elogp, adv = (t.to(dist.device) for t in (ids, attn, cmask, elogp, adv))
     # global normalisers divided by world: the averaged gradient is the exact global-batch loss's gradient
-    num_seq, num_tok = totals[0].item() / dist.world, totals[1].item() / dist.world
+    num_seq, num_tok = sizes.sequences / dist.world, sizes.tokens / dist.world
     mb = cfg.micro_batch
     share = cfg.shared_prefix and not dist.fsdp  # two forwards per backward: not tried under FSDP2
     n_mb = -(-ids.shape[0] // mb)
@@ -529,11 +545,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         c = collect(run, pos)
         t1 = time.perf_counter()
         metrics = dict(c.metrics)
-        totals = run.dist.all_reduce(torch.tensor([len(c.seqs), sum(len(ro.token_ids) for _, ro in c.seqs)],
-                                                  device=run.dist.device))  # global sequences, tokens
-        most = int(run.dist.all_reduce(torch.tensor(len(c.seqs), device=run.dist.device), "max"))
-        if totals[0] > 0:  # some rank kept a group
-            metrics |= update(run, c, advantages(c.rewards, cfg, run.dist), totals, most)
+        sizes = global_sizes(run, c)
+        if sizes.sequences > 0:  # some rank kept a group
+            metrics |= update(run, c, advantages(c.rewards, cfg, run.dist), sizes)
             metrics |= balance_and_sync(run, step)
         metrics = log_step(run, step, c, metrics, t1 - t0, time.perf_counter() - t1)
         pos.step = step + 1
