@@ -70,7 +70,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
 
     if cfg.optim not in OPTIMIZERS:
         raise ValueError(f"unknown optim {cfg.optim!r}; known: {', '.join(OPTIMIZERS)}")
-    render(cfg.template, "")
+    render(cfg.template, "")  # an unknown template: one line now, not after the model has loaded
     rows = smoke_splits(seed=cfg.seed)[0] if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.completion_key), cfg.dataset_config)
     if cfg.max_rows:
