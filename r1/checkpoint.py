@@ -49,6 +49,16 @@ def latest(directory: str | Path) -> Path | None:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    state = torch.load(Path(path) / "state.pt", weights_only=False)
+    """A saved state; a missing or unreadable file (truncated, not a checkpoint) is one error naming it."""
+    file = Path(path) / "state.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found (a checkpoint directory holds state.pt)")
+    try:
+        state = torch.load(file, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, a zip reader's RuntimeError, EOFError: one line each
+        raise ValueError(f"{file} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(state, dict) or not {"step", "rng"} <= state.keys():
+        raise ValueError(f"{file} is not an r1 checkpoint (no step and RNG state)")
     set_rng_state(state["rng"])
     return state

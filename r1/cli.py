@@ -72,9 +72,9 @@ def _exit_now() -> None:
     Everything was written and flushed by then; the reward worker processes are closed here, as atexit would."""
     import logging
 
-    from rewards.pool import _close_all
+    import rewards
 
-    _close_all()
+    rewards.shutdown()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

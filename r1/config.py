@@ -146,7 +146,12 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | tu
     values: dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
-            loaded = yaml.safe_load(f)
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:  # one line: the problem and where, not the parser's multi-line report
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"{path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded or {})

@@ -1,7 +1,8 @@
 """Prompt datasets and templates.
 
-- `load_rows(source, split)`: a local JSON/JSONL/Parquet file or a hub dataset name, through the
-  `datasets` library; a missing column is one error naming it and the columns that exist.
+- `load_rows(source, split)`: a local JSON/JSONL/Parquet/CSV file (read here) or a hub dataset name (through the
+  `datasets` library); a missing column is one error naming it and the columns that exist.
+- `encode_prompts`: rendered prompts to token ids (bos first).
 - `TEMPLATES`: R1-Zero's conversation template and a plain one, by name.
 - The smoke task: multi-step integer arithmetic ("7+5-3+8"), generated from a seed. Its SFT
   targets show the steps inside <think> and the value inside <answer>, so the math reward can check
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -31,31 +33,83 @@ def render(template: str, prompt: str) -> str:
     return TEMPLATES[template].format(prompt=prompt)
 
 
+def _json_rows(path: Path) -> list[Any]:
+    """A .json file holding a list of objects, or JSON lines (.jsonl, or a .json written that way)."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError:
+            loaded = None  # JSON lines in a .json file: read below, line by line
+        if isinstance(loaded, list):
+            return loaded
+        if isinstance(loaded, dict):
+            return [loaded]
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _table_rows(path: Path) -> list[Any]:
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    read = pyarrow.parquet.read_table if path.suffix == ".parquet" else pyarrow.csv.read_csv
+    try:
+        return read(path).to_pylist()
+    except pyarrow.ArrowInvalid as e:  # an empty CSV, a file that is not Parquet
+        raise ValueError(f"{path}: cannot be read as {path.suffix[1:]} ({str(e).splitlines()[0]})") from None
+
+
+# a local file is read here, not through `datasets`: its loader builds a cache in the user's home (left behind
+# even when the file turns out bad) and an empty JSONL file ends in a StopIteration traceback
+LOCAL_READERS = {".jsonl": _json_rows, ".json": _json_rows, ".parquet": _table_rows, ".csv": _table_rows}
+
+
 def load_rows(source: str, split: str = "train", columns: tuple[str, ...] = (),
               config: str | None = None) -> list[dict[str, Any]]:
     """Rows from a local file (json/jsonl/parquet/csv) or a hub dataset (with its `config` name), checked
-    for `columns`."""
-    import datasets
-
+    for `columns`. An empty file, a line that is not JSON or a row that is not an object is one error naming it."""
     path = Path(source)
     if path.exists():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
+        read = LOCAL_READERS.get(path.suffix)
+        if read is None:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r} (jsonl, json, parquet, csv)")
-        datasets.disable_progress_bars()  # a local file loads in a blink; keep the terminal (and errors) clean
-        try:
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        finally:
-            datasets.enable_progress_bars()
+        rows = read(path)
+        if not rows:
+            raise ValueError(f"{source}: the dataset is empty (no rows)")
+        if bad := next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None):
+            raise ValueError(f"{source}: row {bad} is not an object of named columns")
+        names = list(dict.fromkeys(k for r in rows for k in r))  # every row gets every column, None where absent
+        rows = [{k: r.get(k) for k in names} for r in rows]
     elif "/" in source and not source.startswith((".", "/")):
+        import datasets
+
         ds = datasets.load_dataset(source, config, split=split)
+        names, rows = ds.column_names, [dict(r) for r in ds]
     else:
         raise FileNotFoundError(f"dataset {source!r} is neither a local file nor a hub name (owner/name)")
-    missing = [c for c in columns if c not in ds.column_names]
+    missing = [c for c in columns if c not in names]
     if missing:
         raise ValueError(f"dataset {source} has no column {', '.join(map(repr, missing))}; "
-                         f"its columns: {', '.join(ds.column_names)}")
-    return [dict(r) for r in ds]
+                         f"its columns: {', '.join(names)}")
+    return rows
+
+
+def encode_prompts(tok: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts, each starting with the tokenizer's bos token when it has one."""
+    out = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+        out.append(ids)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- smoke task

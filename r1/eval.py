@@ -235,7 +235,7 @@ def load_model(path: str | Path) -> Any:
     """The policy loader of the trainer, in bf16 on a GPU when there is one."""
     import torch
 
-    from r1.trainer import load_policy
+    from r1.policy import load_policy
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return load_policy(str(path), dtype=dtype).to("cuda" if torch.cuda.is_available() else "cpu")

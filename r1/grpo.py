@@ -7,6 +7,18 @@ by name (`ADVANTAGE_SCALES`, `RATIOS`, `AGGREGATIONS`) and the trainer never bra
 References: DeepSeekMath (GRPO), DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783),
 GSPO (arXiv 2507.18071), truncated importance sampling (Yao et al., "Your efficient RL framework
 secretly brings you off-policy RL training", 2025).
+
+Conventions where r1 differs from its peers on purpose (the rest matches veRL's core_algos and TRL to 1e-16 in
+float64):
+- advantages divide by (std + 1e-6), as veRL; TRL adds 1e-4. The difference is visible only for groups whose std is
+  tiny, where 1e-6 keeps the advantage closer to the standardised value.
+- a group of size 1 raises: its unbiased std is 0/0 and its baseline is itself (the advantage is 0), so it would
+  only add noise to the normalisers; TRL and veRL let it through silently.
+- k3 is not clamped by default: it is >= 0 and unbounded above, and a large value is the signal that the policy ran
+  away from the reference. veRL clamps it to [-10, 10]; `k3_clamp` offers the same bound.
+- no dual-clip by default: with A < 0 and a large ratio the PPO term is unbounded (-rho A). veRL caps it at -c A
+  (c = 3); `dual_clip` offers the same cap. Off because with TIS and small eps the ratio rarely gets there, and the
+  cap zeroes those tokens' gradient.
 """
 
 from __future__ import annotations
@@ -21,30 +33,32 @@ from torch import Tensor
 # Advantages
 
 
-def _std_group(rewards_NG: Tensor) -> Tensor:
+def _std_group(rewards_NG: Tensor, batch: Tensor) -> Tensor:
     """Per-group std, unbiased (n - 1), as TRL and veRL compute it, so our advantages match theirs."""
     return rewards_NG.std(dim=1, keepdim=True)
 
 
-def _std_none(rewards_NG: Tensor) -> Tensor:
+def _std_none(rewards_NG: Tensor, batch: Tensor) -> Tensor:
     """Dr. GRPO: no std scaling; dividing by std up-weights near-uniform groups (too easy / too hard)."""
     return torch.ones_like(rewards_NG[:, :1])
 
 
-def _std_batch(rewards_NG: Tensor) -> Tensor:
+def _std_batch(rewards_NG: Tensor, batch: Tensor) -> Tensor:
     """Std of the raw rewards over the whole batch (unbiased), as TRL's scale_rewards="batch" and the
     "group mean, batch std" recipe of Lite PPO; every group gets the same scale so no group is blown up."""
-    return rewards_NG.std().expand(rewards_NG.shape[0], 1)
+    return batch.float().std().expand(rewards_NG.shape[0], 1)
 
 
-ADVANTAGE_SCALES: dict[str, Callable[[Tensor], Tensor]] = {
+# scale(rewards_NG, batch_rewards) -> [N, 1]: the divisor of each group's centred rewards
+ADVANTAGE_SCALES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "group": _std_group,
     "none": _std_none,
     "batch": _std_batch,
 }
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6,
+                     batch_rewards: Tensor | None = None) -> Tensor:
     """Group-relative advantages, one per completion.
 
         A_i = (r_i - mean_{j in group(i)} r_j) / (s + eps)
@@ -54,7 +68,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     group needs G >= 2. A group whose rewards are all equal gets A = 0 under every scaling.
 
     `rewards` is flat [N * G] (groups contiguous, as the rollout produces them) or [N, G]; the result has
-    the same shape. For "batch", pass the rewards of the whole global batch (gathered across ranks).
+    the same shape. "batch" takes its std over `batch_rewards` (default: `rewards`): with several processes,
+    pass every rank's rewards, gathered, so each rank scales by the global batch's std, not its own.
     """
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
@@ -62,7 +77,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     rewards_NG = rewards.float().reshape(-1, group_size)
     centred_NG = rewards_NG - rewards_NG.mean(dim=1, keepdim=True)
-    return (centred_NG / (ADVANTAGE_SCALES[scale](rewards_NG) + eps)).reshape(rewards.shape)
+    batch = rewards_NG if batch_rewards is None else batch_rewards
+    return (centred_NG / (ADVANTAGE_SCALES[scale](rewards_NG, batch) + eps)).reshape(rewards.shape)
 
 
 def groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
@@ -137,13 +153,26 @@ def tis_weights(old_logp_BT: Tensor, engine_logp_BT: Tensor, cap: float = 2.0) -
     return torch.exp(old_logp_BT - engine_logp_BT).clamp(max=cap).detach()
 
 
-def k3(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
+def k3(logp_BT: Tensor, ref_logp_BT: Tensor, clamp: float = 0.0) -> Tensor:
     """Per-token KL(pi_theta || pi_ref) estimator k3 (Schulman), unbiased and always >= 0:
 
     k3 = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 = exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+    clamp > 0 bounds it to [-clamp, clamp] as veRL's low_var_kl does (10 there; k3 >= 0, so only the top binds, and
+    a clamped token has no KL gradient). 0 = unclamped, r1's default.
     """
     d = ref_logp_BT - logp_BT
-    return torch.exp(d) - d - 1
+    kl = torch.exp(d) - d - 1
+    return kl.clamp(-clamp, clamp) if clamp > 0 else kl
+
+
+def dual_clip_loss(loss_BT: Tensor, advantages_B1: Tensor, c: float) -> Tensor:
+    """Dual-clip PPO (Ye et al. 2020, veRL's clip_ratio_c): where A < 0 the clipped surrogate's loss
+    max(-rho A, -clip(rho) A) grows without bound in rho; cap it at -c A (c > 1). Tokens with A >= 0 are unchanged.
+
+        loss_t = min(loss_t, -c A)  if A < 0,   loss_t otherwise
+    """
+    return torch.where(advantages_B1 < 0, torch.minimum(loss_BT, -c * advantages_B1), loss_BT)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,6 +242,8 @@ def policy_loss(
     beta: float = 0.0,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
+    dual_clip: float = 0.0,
+    k3_clamp: float = 0.0,
     ratio: str = "token",
     aggregation: str = "grpo",
     engine_logp_BT: Tensor | None = None,
@@ -227,7 +258,9 @@ def policy_loss(
 
     rho_t from RATIOS[ratio] ("token": PPO/GRPO, "sequence": GSPO), w_t = tis_weights(old, engine, tis_cap)
     when engine log-probs are given (else 1; it weights the policy term only, as in TRL), k3 against the
-    reference when ref_logp_BT is given. Reduced to a scalar by AGGREGATIONS[aggregation].
+    reference when ref_logp_BT is given (bounded by k3_clamp when > 0). dual_clip = c > 1 caps the loss of a token
+    with A < 0 at -c A before the TIS weight (dual_clip_loss; 0 = off). Reduced to a scalar by
+    AGGREGATIONS[aggregation].
 
     logp_BT: log pi_theta of the sampled tokens (with grad); old_logp_BT: log pi_old, rollout-time
     (detached here: pi_old is a constant of the objective; pass logp_BT.detach() when mu = 1);
@@ -252,6 +285,8 @@ def policy_loss(
     clipped_BT = rho_BT.clamp(1 - eps_low, 1 + eps_high)
     # min of the two surrogates: where the clipped one is smaller its gradient is 0 (clamp saturates)
     loss_BT = -torch.min(rho_BT * A_B1, clipped_BT * A_B1)
+    if dual_clip > 0:
+        loss_BT = dual_clip_loss(loss_BT, A_B1, dual_clip)
 
     metrics: dict[str, Tensor] = {}
     if engine_logp_BT is not None:
@@ -259,7 +294,7 @@ def policy_loss(
         loss_BT = loss_BT * w_BT
         metrics["tis/mean"] = _masked_mean(w_BT, mask_BT)
     if ref_logp_BT is not None:
-        kl_BT = k3(logp_BT, ref_logp_BT.detach())
+        kl_BT = k3(logp_BT, ref_logp_BT.detach(), k3_clamp)
         loss_BT = loss_BT + beta * kl_BT
         metrics["kl"] = _masked_mean(kl_BT.detach(), mask_BT)
 
@@ -274,13 +309,3 @@ def policy_loss(
     n_tok = mask_BT.sum().clamp(min=1) if num_tokens is None else num_tokens
     loss = AGGREGATIONS[aggregation](loss_BT, mask_BT, n_seq, n_tok, max_completion_len)
     return loss, metrics
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Per-position entropy of softmax(logits) over the last dim: [..., V] -> [...].
-
-    H = -sum_v p_v log p_v, from log_softmax in float32. Chunk over positions for large vocabularies.
-    """
-    # clamp: a -inf logit (masked token) has p = 0 and must add 0, not 0 * -inf = NaN
-    logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=torch.finfo(torch.float32).min)
-    return -(logp.exp() * logp).sum(-1)

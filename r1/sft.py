@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 from r1.config import save_config
 from r1.cpu_gemm import use_onednn
-from r1.data import load_rows, render, smoke_splits
+from r1.data import encode_prompts, load_rows, render, smoke_splits
 from r1.logprobs import lm_loss
 from r1.model.model import V3ForCausalLM, update_router_biases
+from r1.optim import OPTIMIZERS
+from r1.policy import build_model, export
 
 
 @dataclass
@@ -36,6 +38,7 @@ class SftConfig:
     steps: int = 300
     batch_size: int = 32
     lr: float = 3e-3
+    optim: str = "adamw_torch_fused"  # adamw_torch_fused | adamw_bf16 (AdamW moments in bf16, r1/optim.py)
     weight_decay: float = 0.0
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
@@ -43,16 +46,6 @@ class SftConfig:
     seed: int = 0
     output_dir: str = "runs/smoke/sft"
     progress: bool = True
-
-
-def build_model(name_or_dir: str) -> nn.Module:
-    from r1.model.config import PRESETS, load_config
-
-    if name_or_dir in PRESETS:
-        return use_onednn(V3ForCausalLM(load_config(name_or_dir)))
-    from r1.trainer import load_policy
-
-    return load_policy(name_or_dir)
 
 
 def encode_pairs(tok: Any, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -75,18 +68,20 @@ def encode_pairs(tok: Any, prompts: list[str], completions: list[str]) -> tuple[
 def sft(cfg: SftConfig) -> dict[str, float]:
     from r1.tokenizer import load_tokenizer
 
+    if cfg.optim not in OPTIMIZERS:
+        raise ValueError(f"unknown optim {cfg.optim!r}; known: {', '.join(OPTIMIZERS)}")
+    render(cfg.template, "")  # an unknown template: one line now, not after the model has loaded
     rows = smoke_splits(seed=cfg.seed)[0] if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.completion_key), cfg.dataset_config)
     if cfg.max_rows:
         rows = rows[:cfg.max_rows]
     tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer else cfg.model)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).train()
+    model = use_onednn(build_model(cfg.model)).train()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, str(out_dir / "config.yaml"))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-                            fused=True)
+    opt = OPTIMIZERS[cfg.optim](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / max(1, cfg.warmup_steps), max(0.1, 1 - s / cfg.steps)))
     rng = random.Random(cfg.seed)
@@ -110,8 +105,6 @@ def sft(cfg: SftConfig) -> dict[str, float]:
         sched.step()
         update_router_biases(model)
         bar.set_postfix(loss=f"{metrics['loss/ce']:.3f}")
-    from r1.trainer import export
-
     export(model, tok, out_dir / "model")
     return metrics
 
@@ -119,8 +112,6 @@ def sft(cfg: SftConfig) -> dict[str, float]:
 def rejection_sample(engine: Any, tok: Any, rows: list[dict], template: str, sampling: Any, n: int,
                      reward_fn: Any, prompt_key: str = "prompt", answer_key: str = "answer") -> list[dict]:
     """Rejection-sampling SFT data: n rollouts per row, keep those the reward scores 1 (one per row)."""
-    from r1.trainer import encode_prompts
-
     prompts = encode_prompts(tok, [render(template, r[prompt_key]) for r in rows])
     rolls = engine.generate(prompts, sampling, n=n)
     scores = reward_fn([r.text for r in rolls], answer=[rows[r.prompt_index][answer_key] for r in rolls])

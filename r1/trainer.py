@@ -1,5 +1,7 @@
-"""The GRPO loop, one readable function: prompts -> G rollouts each -> rewards -> dynamic-sampling
-filter -> advantages -> mu updates with gradient accumulation -> bias update -> weight sync.
+"""The GRPO loop. `train` calls one function per stage, in order, every step: `collect` (draw prompts, roll out,
+score, keep the groups with signal), `advantages`, `update` (mu optimizer steps with gradient accumulation),
+`balance_and_sync` (router biases, weights to the engine), `log_step`, `save_checkpoint`. `setup` builds what they
+share (`Run`) and where the run is (`Position`, what a checkpoint restores).
 
 Simplifications (named, as nanochat does): data parallelism is a flat gradient all-reduce per optimizer step
 (see Dist; `accelerate launch` starts the processes), not DDP or FSDP sharding; the torch engine shares the policy
@@ -28,11 +30,13 @@ from tqdm import tqdm
 from r1 import checkpoint, grpo
 from r1.config import save_config
 from r1.cpu_gemm import use_onednn
-from r1.data import load_rows, render, smoke_rl_rows
+from r1.data import encode_prompts, load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
 from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, update_router_biases
+from r1.optim import OPTIMIZERS
 from r1.parallel import Dist, micro_batches, update_workers
+from r1.policy import engine_weights, export, load_policy
 
 
 @dataclass
@@ -56,12 +60,15 @@ class TrainConfig:
     top_p: float = 1.0
     max_tokens: int = 48
     lr: float = 1e-4
+    optim: str = "adamw_torch_fused"  # adamw_torch_fused | adamw_bf16 (AdamW moments in bf16, r1/optim.py)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     beta: float = 0.0
     eps_low: float = 0.2
     eps_high: float = 0.28
+    dual_clip: float = 0.0  # c > 1: a token's loss with A < 0 is at most c |A| (veRL's clip_ratio_c = 3); 0 = off
+    k3_clamp: float = 0.0  # clamp each token's k3 to at most this (veRL: 10); 0 = off
     ratio: str = "token"  # token | sequence (GSPO)
     aggregation: str = "dapo"  # grpo | dapo | dr_grpo
     advantage_scale: str = "group"  # group | none (Dr. GRPO) | batch
@@ -84,35 +91,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def resolve_model(name_or_path: str) -> Path:
-    """A local model directory, or a hub repo id (owner/name) fetched to the local cache."""
-    p = Path(name_or_path)
-    if (p / "config.json").is_file():
-        return p
-    if p.exists() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
-        raise FileNotFoundError(f"model {name_or_path!r} not found (expected a directory with config.json)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - offline, no such repo, no access: one line either way
-        raise FileNotFoundError(f"model {name_or_path!r} is not a local directory and the hub gave: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-
-
-def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """DeepSeek-V3 checkpoints load as the native model; any other causal LM through transformers. Either
-    way its linears run their fp32 CPU GEMMs on oneDNN (r1/cpu_gemm.py; a no-op elsewhere)."""
-    p = resolve_model(name_or_path)
-    if json.loads((p / "config.json").read_text()).get("model_type") == "deepseek_v3":
-        from r1.model.hf import load_hf
-
-        return use_onednn(load_hf(p, dtype=dtype))
-    from transformers import AutoModelForCausalLM
-
-    return use_onednn(AutoModelForCausalLM.from_pretrained(p, dtype=dtype))
-
-
 def hidden_and_head(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Final hidden states and the output-head weight, for chunked log-probs (native or transformers)."""
     if isinstance(model, V3ForCausalLM):
@@ -175,23 +153,13 @@ def micro_batch_loss(policy: nn.Module, cfg: TrainConfig, b: UpdateBatch, dist: 
     loss, m = grpo.policy_loss(
         lp, lp.detach() if b.old is None else b.old[sl], b.adv[sl], cmask,
         ref_logp_BT=None if b.ref is None else b.ref[sl], beta=cfg.beta, eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high, ratio=cfg.ratio, aggregation=cfg.aggregation,
-        engine_logp_BT=b.elogp[sl] if cfg.tis_cap > 0 else None, tis_cap=cfg.tis_cap,
-        max_completion_len=cfg.max_tokens, num_sequences=b.num_seq, num_tokens=b.num_tok)
+        eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, k3_clamp=cfg.k3_clamp, ratio=cfg.ratio,
+        aggregation=cfg.aggregation, engine_logp_BT=b.elogp[sl] if cfg.tis_cap > 0 else None,
+        tis_cap=cfg.tis_cap, max_completion_len=cfg.max_tokens, num_sequences=b.num_seq, num_tokens=b.num_tok)
     n = cmask.sum().clamp(min=1)
     m["entropy"] = (ent.detach() * cmask).sum() / n
     m["logprob_gap/engine_vs_trainer"] = ((lp.detach() - b.elogp[sl]).abs() * cmask).sum() / n
     return loss, m
-
-
-def encode_prompts(tok: Any, texts: list[str]) -> list[list[int]]:
-    out = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"]
-        if tok.bos_token_id is not None:
-            ids = [tok.bos_token_id] + ids
-        out.append(ids)
-    return out
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], logps: list[list[float]],
@@ -232,7 +200,7 @@ def check(cfg: TrainConfig) -> None:
     from rollouts import ENGINES
 
     registries = {"ratio": grpo.RATIOS, "aggregation": grpo.AGGREGATIONS, "advantage_scale": grpo.ADVANTAGE_SCALES,
-                  "engine": ENGINES}
+                  "engine": ENGINES, "optim": OPTIMIZERS}
     for name, known in registries.items():
         if getattr(cfg, name) not in known:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; known: {', '.join(known)}")
@@ -241,6 +209,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"{len(cfg.rewards)} rewards but {len(cfg.reward_weights)} reward_weights")
     if cfg.group_size < 2:
         raise ValueError("group_size must be at least 2 (advantages compare samples within a group)")
+    if cfg.dual_clip and cfg.dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1 (or 0 = off), got {cfg.dual_clip}")
     from accelerate.utils import LoggerType
 
     if unknown := [t for t in cfg.report_to if t not in {x.value for x in LoggerType}]:
@@ -250,7 +220,54 @@ def check(cfg: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig) -> dict[str, float]:
+@dataclass
+class Run:
+    """What the stages share, built once by `setup` (the data position lives in `Position`)."""
+    cfg: TrainConfig
+    dist: Dist
+    policy: nn.Module
+    ref: nn.Module | None  # frozen reference (beta > 0)
+    replica: nn.Module | None  # the engine's unsharded copy under FSDP
+    engine: Any
+    tok: Any
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    params: list[Tensor]
+    workers: int
+    reward_set: Any
+    sampling: Any
+    rows: list[dict[str, Any]]
+    order: list[int]  # the shuffled row order, the same on every rank
+    out_dir: Path
+    logger: JsonlLogger | None = None
+    tracker: Any = None
+
+
+@dataclass
+class Position:
+    """Where the run is, besides the weights and the optimizer: what a checkpoint stores to resume bit for bit."""
+    step: int = 0
+    cursor: int = 0  # rows drawn so far, by all ranks together
+    keep_rate: float | None = None  # dynamic sampling: the fraction of groups with signal in the last step
+
+
+@dataclass
+class Collected:
+    """One step's rollouts on this rank: the kept groups' sequences (G each) and rewards, and what is logged."""
+    seqs: list[tuple[list[int], Any]] = field(default_factory=list)  # (prompt ids, rollout)
+    rewards: list[float] = field(default_factory=list)
+    spare: tuple[list[int], Any] | None = None  # padding when this rank kept fewer sequences than another
+    metrics: dict[str, float] = field(default_factory=dict)
+    generated: int = 0
+    groups: int = 0
+    with_signal: int = 0
+    t_rollout: float = 0.0
+    t_reward: float = 0.0
+
+
+def setup(cfg: TrainConfig) -> tuple[Run, Position]:
+    """Validate and load everything (one-line errors, nothing written yet), then build the run; on `resume`, restore
+    the model, optimizer, scheduler, RNG and data position."""
     from r1.tokenizer import load_tokenizer
     from rewards.combine import RewardSet
     from rollouts import SamplingParams, make_engine
@@ -263,12 +280,15 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
     rows = smoke_rl_rows(seed=cfg.seed) if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key or cfg.prompt_key), cfg.dataset_config)
-    policy = load_policy(cfg.model).to(dist.device).train()
+    policy = use_onednn(load_policy(cfg.model)).to(dist.device).train()
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    out_dir = Path(cfg.output_dir)
+    resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \
+        None if cfg.resume == "none" else Path(cfg.resume)
+    state = checkpoint.load(resume_from) if resume_from is not None else None  # a corrupt file fails here
     # ---- everything above validates input; compute starts here
     torch.manual_seed(cfg.seed + dist.rank)  # ranks sample different rollouts from the same weights
     random.seed(cfg.seed + dist.rank)
-    out_dir = Path(cfg.output_dir)
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, str(out_dir / "config.yaml"))
@@ -278,201 +298,263 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     replica = copy.deepcopy(policy).eval().requires_grad_(False) if dist.fsdp else None
     policy = dist.wrap(policy)  # FSDP2 shards in place when launched so; before the optimizer sees the parameters
     engine = make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok)
-    # fused: one kernel for all parameters (on CPU 0.5 ms a step for the smoke model, against 2.4 ms for the loop)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
-                            fused=True)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    workers = update_workers(cfg.update_workers, dist.device, dist.fsdp)
+    opt = OPTIMIZERS[cfg.optim](policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)  # the same order on every rank; each reads its own slice
-    start, cursor = 0, 0
-    keep_rate: float | None = None  # dynamic sampling: the fraction of groups with signal in the last step
-    ckpt_dir = out_dir / "checkpoints"
-    resume_from = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else \
-        None if cfg.resume == "none" else Path(cfg.resume)
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
+    run = Run(cfg, dist, policy, ref, replica, engine, tok, opt, sched,
+              params=[p for p in policy.parameters() if p.requires_grad],
+              workers=update_workers(cfg.update_workers, dist.device, dist.fsdp), reward_set=reward_set,
+              sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens),
+              rows=rows, order=order, out_dir=out_dir)
+    pos = Position()
+    if state is not None:
         dist.load_state(policy, opt, state["model"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start, cursor, keep_rate = state["step"], state["cursor"], state.get("keep_rate")
+        pos = Position(state["step"], state["cursor"], state.get("keep_rate"))
         checkpoint.set_rng_state(state["rng_ranks"][dist.rank])
         if ref is not None:
             ref.load_state_dict(state["ref"])
-    logger = JsonlLogger(out_dir / "metrics.jsonl", resume_step=start) if dist.main else None
-    tracker = None
+    run.logger = JsonlLogger(out_dir / "metrics.jsonl", resume_step=pos.step) if dist.main else None
     if cfg.report_to:  # TensorBoard / W&B through accelerate; the JSONL file is always written
         from accelerate import Accelerator
 
-        tracker = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to, project_dir=str(out_dir))
-        tracker.init_trackers("r1", config={k: str(v) for k, v in vars(cfg).items()})
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and dist.main),
-               desc="grpo")
-    G, per_rank = cfg.group_size, cfg.prompts_per_step // dist.world
-    last: dict[str, float] = {}
+        run.tracker = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to, project_dir=str(out_dir))
+        run.tracker.init_trackers("r1", config={k: str(v) for k, v in vars(cfg).items()})
+    return run, pos
+
+
+def draw_prompts(run: Run, pos: Position, n: int) -> list[dict[str, Any]] | None:
+    """This rank's next n rows. Each rank reads its own slot of the global cursor, the size of the largest n over
+    the ranks (a collective: every rank makes the same calls); None when no rank needs any."""
+    dist = run.dist
+    slot = int(dist.all_reduce(torch.tensor(n, device=dist.device), "max").item())
+    if slot <= 0:
+        return None
+    batch = [run.rows[run.order[(pos.cursor + dist.rank * slot + i) % len(run.order)]] for i in range(n)]
+    pos.cursor += slot * dist.world
+    return batch
+
+
+def roll_out(run: Run, batch: list[dict[str, Any]], c: Collected) -> tuple[list[list[int]], list[Any]]:
+    """G completions of each row's rendered prompt: (prompt ids, rollouts, prompt-major)."""
+    cfg = run.cfg
+    prompts = encode_prompts(run.tok, [render(cfg.template, r[cfg.prompt_key]) for r in batch])
+    t = time.perf_counter()
+    rolls = run.engine.generate(prompts, run.sampling, n=cfg.group_size)
+    c.t_rollout += time.perf_counter() - t
+    c.generated += len(rolls)
+    return prompts, rolls
+
+
+def score(run: Run, batch: list[dict[str, Any]], rolls: list[Any], c: Collected) -> list[float]:
+    """The weighted reward of every rollout; the first call of a step also records the reward metrics."""
+    cfg = run.cfg
+    t = time.perf_counter()
+    cols = [{**r, "answer": r[cfg.answer_key]} if cfg.answer_key else r
+            for r in (batch[ro.prompt_index] for ro in rolls)]
+    rewards, per_reward = run.reward_set([ro.text for ro in rolls], cols)
+    c.t_reward += time.perf_counter() - t
+    if not c.metrics:
+        correct = per_reward[cfg.rewards[0]]
+        c.metrics = {**run.reward_set.metrics(),
+                     "accuracy": sum((x or 0.0) >= 1.0 for x in correct) / len(correct)}
+    return rewards
+
+
+def keep_groups(run: Run, prompts: list[list[int]], rolls: list[Any], rewards: list[float], need: int,
+                c: Collected) -> float:
+    """Dynamic sampling (DAPO): keep up to `need` groups whose rewards are not all equal (all of them when it is
+    off); a refill's surplus groups are dropped. The decision reads only the group's own rewards, so it is the
+    same on any number of ranks. Returns this call's keep rate."""
+    G = run.cfg.group_size
+    keep = grpo.groups_with_signal(torch.tensor(rewards), G) if run.cfg.dynamic_sampling \
+        else torch.ones(len(prompts), dtype=torch.bool)
+    c.groups += len(prompts)
+    c.with_signal += int(keep.sum())
+    c.spare = c.spare or (prompts[0], rolls[0])
+    for g in keep.nonzero().flatten().tolist()[:need]:
+        c.seqs += [(prompts[g], rolls[j]) for j in range(g * G, (g + 1) * G)]
+        c.rewards += rewards[g * G:(g + 1) * G]
+    return float(keep.float().mean())
+
+
+def collect(run: Run, pos: Position) -> Collected:
+    """Draw prompts, roll out, score and keep the groups with signal, until this rank has its share of groups or
+    dynamic sampling's budget is spent. The budget of 1 + max_refills rounds is drawn in one generate call, sized
+    by grpo.refill_prompts at the last step's keep rate; only the first step, with no rate known yet, refills in a
+    second call (at the rate of its first)."""
+    cfg = run.cfg
+    c = Collected()
+    per_rank = cfg.prompts_per_step // run.dist.world
+    rounds = 1 + cfg.max_refills if cfg.dynamic_sampling else 1
+    rate = pos.keep_rate
+    for attempt in range(1 if rate is not None or rounds == 1 else 2):
+        need = per_rank - len(c.seqs) // cfg.group_size
+        batch = draw_prompts(run, pos, need if rate is None else grpo.refill_prompts(need, rate, rounds - attempt))
+        if batch is None:
+            break
+        if not batch:  # another rank still draws: this one only took part in the collective
+            continue
+        prompts, rolls = roll_out(run, batch, c)
+        rewards = score(run, batch, rolls, c)
+        rate = keep_groups(run, prompts, rolls, rewards, need, c)
+    c.metrics["frac_reward_zero_std"] = 1 - c.with_signal / max(1, c.groups)
+    return c
+
+
+@dataclass
+class Sizes:
+    """The step's batch over all ranks: the loss's global normalisers and the busiest rank's sequence count."""
+    sequences: float
+    tokens: float
+    busiest: int
+
+
+def global_sizes(run: Run, c: Collected) -> Sizes:
+    dist = run.dist
+    totals = dist.all_reduce(torch.tensor([len(c.seqs), sum(len(ro.token_ids) for _, ro in c.seqs)],
+                                          device=dist.device))
+    busiest = int(dist.all_reduce(torch.tensor(len(c.seqs), device=dist.device), "max"))
+    return Sizes(totals[0].item(), totals[1].item(), busiest)
+
+
+def advantages(rewards: list[float], cfg: TrainConfig, dist: Dist) -> Tensor:
+    """This rank's advantages. "batch" scaling takes the std over the global batch: every rank's kept rewards,
+    gathered, so N processes compute the advantages one process would from the same groups."""
+    local = torch.tensor(rewards)
+    batch = torch.tensor([r for rank in dist.gather(rewards) for r in rank]) if cfg.advantage_scale == "batch" \
+        else None
+    if not rewards:
+        return torch.zeros(0)
+    return grpo.group_advantages(local, cfg.group_size, scale=cfg.advantage_scale, batch_rewards=batch)
+
+
+def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float]:
+    """mu optimizer steps on the kept sequences, padded to the busiest rank's count so every rank runs the same
+    micro-batches (pads have zero mask and zero advantage: no gradient, same collectives)."""
+    cfg, dist, policy = run.cfg, run.dist, run.policy
+    n_seq = len(c.seqs)
+    n_tok_local = sum(len(ro.token_ids) for _, ro in c.seqs)
+    pad = sizes.busiest - n_seq
+    seqs = c.seqs + [c.spare] * pad
+    ids, attn, cmask, elogp, P = pack([p for p, _ in seqs], [ro.token_ids for _, ro in seqs],
+                                      [ro.logprobs for _, ro in seqs], run.tok.pad_token_id or 0)
+    cmask[n_seq:] = 0
+    adv = torch.cat([adv, torch.zeros(pad)])
+    ids, attn, cmask, elogp, adv = (t.to(dist.device) for t in (ids, attn, cmask, elogp, adv))
+    # global normalisers divided by world: the averaged gradient is the exact global-batch loss's gradient
+    num_seq, num_tok = sizes.sequences / dist.world, sizes.tokens / dist.world
+    mb = cfg.micro_batch
+    share = cfg.shared_prefix and not dist.fsdp  # two forwards per backward: not tried under FSDP2
+    n_mb = -(-ids.shape[0] // mb)
+    # the log-probs before the update (mu > 1) and the reference's, micro-batches side by side as well
+    logprobs_of = functools.partial(micro_batch_logprobs, cfg, ids, attn, P, dist, share)  # (model, i)
+    old = torch.cat(micro_batches(functools.partial(logprobs_of, policy), n_mb, run.params, run.workers)) \
+        if cfg.mu > 1 else None
+    ref_lp = torch.cat(micro_batches(functools.partial(logprobs_of, run.ref), n_mb, run.params, run.workers)) \
+        if run.ref is not None else None
+    batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
+    step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
+    sums: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    for _ in range(cfg.mu):
+        run.opt.zero_grad(set_to_none=True)
+        for i, m in enumerate(micro_batches(step_fn, n_mb, run.params, run.workers)):
+            w = cmask[i * mb:(i + 1) * mb].sum().item() / max(1, n_tok_local)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+        dist.average_grads(policy)
+        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
+    return {**metrics, **{k: v / cfg.mu for k, v in sums.items()}}
+
+
+def balance_and_sync(run: Run, step: int) -> dict[str, float]:
+    """Expert-load metrics, then auxiliary-loss-free balancing (router biases); the new weights to the engine (and
+    the reference, every ref_reset_every steps). Returns the load metrics, read before the biases move."""
+    cfg, dist, policy = run.cfg, run.dist, run.policy
+    metrics = {**expert_load_metrics(policy), **hc_metrics(policy)}
+    if cfg.bias_update:
+        update_router_biases(policy)  # counts all-reduced across ranks inside
+    else:
+        for m in policy.modules():
+            if hasattr(m, "tokens_per_expert"):
+                m.tokens_per_expert.zero_()
+    if run.replica is not None:
+        run.replica.load_state_dict(dist.full_state(policy, everywhere=True)[0])
+    else:
+        run.engine.load_weights(engine_weights(policy, run.engine))  # no-op when the engine shares the policy
+    if run.ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
+        run.ref.load_state_dict(dist.full_state(policy, everywhere=True)[0])
+    return metrics
+
+
+def log_step(run: Run, step: int, c: Collected, metrics: dict[str, float], t_collect: float,
+             t_update: float) -> dict[str, float]:
+    """The step's metrics, averaged over ranks, to the JSONL file and the trackers."""
+    lengths = [len(ro.token_ids) for _, ro in c.seqs] or [0]
+    metrics = run.dist.mean_metrics({
+        **metrics, "completion_length/mean": sum(lengths) / len(lengths), "completion_length/max": max(lengths),
+        "rollouts": c.generated, "time/rollout": c.t_rollout, "time/reward": c.t_reward, "time/update": t_update,
+        "tokens_per_s/rollout": sum(lengths) / max(c.t_rollout, 1e-9), "time/step": t_collect + t_update,
+        "lr": run.sched.get_last_lr()[0],
+    })
+    if run.logger is not None:
+        run.logger.log(step + 1, metrics)
+    if run.tracker is not None:
+        run.tracker.log(metrics, step=step + 1)
+    return metrics
+
+
+def save_checkpoint(run: Run, pos: Position) -> None:
+    """Model, optimizer, scheduler, every rank's RNG and the data position (a collective under FSDP)."""
+    rngs = run.dist.gather(checkpoint.rng_state())
+    model_sd, opt_sd = run.dist.full_state(run.policy, run.opt)
+    if run.dist.main:
+        state = {"model": model_sd, "optimizer": opt_sd, "scheduler": run.sched.state_dict(), "cursor": pos.cursor,
+                 "rng_ranks": rngs, "keep_rate": pos.keep_rate}
+        if run.ref is not None:
+            state["ref"] = run.ref.state_dict()
+        checkpoint.save(run.out_dir / "checkpoints", pos.step, state, keep=run.cfg.keep_last)
+
+
+def finish(run: Run) -> None:
+    """Check the ranks agree, close the trackers, export the final model in HF format."""
+    dist = run.dist
+    if dist.world > 1 and not dist.same_parameters(run.policy):
+        raise RuntimeError("parameters differ across ranks after training (a non-deterministic collective?)")
+    if run.tracker is not None:
+        run.tracker.end_training()
+    final_sd = dist.full_state(run.policy)[0] if dist.fsdp else None
+    if dist.main:
+        export(run.policy, run.tok, run.out_dir / "model", state_dict=final_sd)
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """GRPO: each step draws prompts, rolls out, scores, keeps the groups with signal and computes advantages,
+    updates the policy, balances the experts and syncs the engine, then logs and checkpoints."""
+    run, pos = setup(cfg)
+    bar = tqdm(range(pos.step, cfg.steps), initial=pos.step, total=cfg.steps,
+               disable=not (cfg.progress and run.dist.main), desc="grpo")
+    metrics: dict[str, float] = {}
     for step in bar:
         t0 = time.perf_counter()
-        # ---- rollouts (+ dynamic sampling: drop groups whose rewards are all equal). Every rank takes `draw` rows
-        # from its own slot (the largest draw) of the global cursor; all make the same number of attempts.
-        kept: list[tuple[list[int], Any]] = []
-        kept_rewards: list[float] = []
-        spare: tuple[list[int], Any] | None = None  # padding when this rank kept fewer sequences than another
-        n_gen = n_groups = n_signal = 0
-        t_roll = t_rew = 0.0
-        # Dynamic sampling draws in one generate call as many prompts as 1 + max_refills rounds of refilling
-        # would in expectation (grpo.refill_prompts), at the keep rate of the last step; only the first step, with
-        # no rate known yet, refills in a second call.
-        rounds = 1 + cfg.max_refills if cfg.dynamic_sampling else 1
-        rate = keep_rate
-        for attempt in range(1 if rate is not None or rounds == 1 else 2):
-            need = per_rank - len(kept) // G
-            draw = need if rate is None else grpo.refill_prompts(need, rate, rounds - attempt)
-            slot = int(dist.all_reduce(torch.tensor(draw, device=dist.device), "max").item())
-            if slot <= 0:
-                break
-            batch = [rows[order[(cursor + dist.rank * slot + i) % len(order)]] for i in range(draw)]
-            cursor += slot * dist.world
-            if not batch:
-                continue
-            prompts = encode_prompts(tok, [render(cfg.template, r[cfg.prompt_key]) for r in batch])
-            ta = time.perf_counter()
-            rolls = engine.generate(prompts, sampling, n=G)
-            tb = time.perf_counter()
-            cols = [{**r, "answer": r[cfg.answer_key]} if cfg.answer_key else r
-                    for r in (batch[ro.prompt_index] for ro in rolls)]
-            rewards, per_reward = reward_set([ro.text for ro in rolls], cols)
-            t_roll += tb - ta
-            t_rew += time.perf_counter() - tb
-            n_gen += len(rolls)
-            keep = grpo.groups_with_signal(torch.tensor(rewards), G) if cfg.dynamic_sampling \
-                else torch.ones(len(batch), dtype=torch.bool)
-            n_groups += len(batch)
-            rate = float(keep.float().mean())
-            n_signal += int(keep.sum())
-            spare = spare or (prompts[0], rolls[0])
-            for g in keep.nonzero().flatten().tolist()[:need]:  # a refill's surplus groups are dropped
-                kept += [(prompts[g], rolls[j]) for j in range(g * G, (g + 1) * G)]
-                kept_rewards += rewards[g * G:(g + 1) * G]
-            if attempt == 0:
-                metrics: dict[str, float] = dict(reward_set.metrics())
-                correct = per_reward[cfg.rewards[0]]
-                metrics["accuracy"] = sum((c or 0.0) >= 1.0 for c in correct) / len(correct)
-        metrics["frac_reward_zero_std"] = 1 - n_signal / max(1, n_groups)
+        c = collect(run, pos)
         t1 = time.perf_counter()
-        # ---- advantages and the update; every rank runs the same number of micro-batches
-        n_seq = len(kept)
-        n_tok_local = sum(len(ro.token_ids) for _, ro in kept)
-        totals = dist.all_reduce(torch.tensor([n_seq, n_tok_local], device=dist.device))  # global sequences, tokens
-        most = int(dist.all_reduce(torch.tensor(n_seq, device=dist.device), "max"))  # the busiest rank's sequences
-        if totals[0] > 0:
-            adv = grpo.group_advantages(torch.tensor(kept_rewards), G, scale=cfg.advantage_scale) if kept \
-                else torch.zeros(0)
-            pad = most - n_seq  # sequences with zero mask and zero advantage: no gradient, same collectives
-            seqs = kept + [spare] * pad
-            ids, attn, cmask, elogp, P = pack([p for p, _ in seqs], [ro.token_ids for _, ro in seqs],
-                                              [ro.logprobs for _, ro in seqs], tok.pad_token_id or 0)
-            cmask[n_seq:] = 0
-            adv = torch.cat([adv, torch.zeros(pad)])
-            ids, attn, cmask, elogp, adv = (t.to(dist.device) for t in (ids, attn, cmask, elogp, adv))
-            # global normalisers divided by world: the averaged gradient is the exact global-batch loss's gradient
-            num_seq, num_tok = totals[0].item() / dist.world, totals[1].item() / dist.world
-            B, mb = ids.shape[0], cfg.micro_batch
-            share = cfg.shared_prefix and not dist.fsdp  # two forwards per backward: not tried under FSDP2
-            n_mb = -(-B // mb)
-            # the log-probs before the update (mu > 1) and the reference's, micro-batches side by side as well
-            logprobs_of = functools.partial(micro_batch_logprobs, cfg, ids, attn, P, dist, share)  # (model, i)
-            old = torch.cat(micro_batches(functools.partial(logprobs_of, policy), n_mb, params, workers)) \
-                if cfg.mu > 1 else None
-            ref_lp = torch.cat(micro_batches(functools.partial(logprobs_of, ref), n_mb, params, workers)) \
-                if ref is not None else None
-            batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
-            step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
-            sums: dict[str, float] = {}
-            for _ in range(cfg.mu):
-                opt.zero_grad(set_to_none=True)
-                for i, m in enumerate(micro_batches(step_fn, n_mb, params, workers)):
-                    w = cmask[i * mb:(i + 1) * mb].sum().item() / max(1, n_tok_local)
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * w
-                dist.average_grads(policy)
-                metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
-            metrics.update({k: v / cfg.mu for k, v in sums.items()})
-            metrics.update(expert_load_metrics(policy))
-            metrics.update(hc_metrics(policy))
-            if cfg.bias_update:
-                update_router_biases(policy)  # counts all-reduced across ranks inside
-            else:
-                for m_ in policy.modules():
-                    if hasattr(m_, "tokens_per_expert"):
-                        m_.tokens_per_expert.zero_()
-            if replica is not None:
-                replica.load_state_dict(dist.full_state(policy, everywhere=True)[0])
-            else:
-                engine.load_weights(policy_weights(policy, engine))  # no-op when the engine shares the policy
-            if ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
-                ref.load_state_dict(dist.full_state(policy, everywhere=True)[0])
-        t2 = time.perf_counter()
-        lengths = [len(ro.token_ids) for _, ro in kept] or [0]
-        metrics.update({
-            "completion_length/mean": sum(lengths) / len(lengths), "completion_length/max": max(lengths),
-            "rollouts": n_gen, "time/rollout": t_roll, "time/reward": t_rew, "time/update": t2 - t1,
-            "tokens_per_s/rollout": sum(lengths) / max(t_roll, 1e-9), "time/step": t2 - t0,
-            "lr": sched.get_last_lr()[0],
-        })
-        metrics = dist.mean_metrics(metrics)
-        keep_rate = 1 - metrics["frac_reward_zero_std"] if cfg.dynamic_sampling else None  # every rank's mean
-        if logger is not None:
-            logger.log(step + 1, metrics)
-        if tracker is not None:
-            tracker.log(metrics, step=step + 1)
-        last = metrics
+        metrics = dict(c.metrics)
+        sizes = global_sizes(run, c)
+        if sizes.sequences > 0:  # some rank kept a group
+            metrics |= update(run, c, advantages(c.rewards, cfg, run.dist), sizes)
+            metrics |= balance_and_sync(run, step)
+        metrics = log_step(run, step, c, metrics, t1 - t0, time.perf_counter() - t1)
+        pos.step = step + 1
+        pos.keep_rate = 1 - metrics["frac_reward_zero_std"] if cfg.dynamic_sampling else None  # every rank's mean
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         tok_s=f"{metrics['tokens_per_s/rollout']:.0f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            rngs = dist.gather(checkpoint.rng_state())
-            model_sd, opt_sd = dist.full_state(policy, opt)
-            if dist.main:
-                state = {"model": model_sd, "optimizer": opt_sd,
-                         "scheduler": sched.state_dict(), "cursor": cursor, "rng_ranks": rngs,
-                         "keep_rate": keep_rate}
-                if ref is not None:
-                    state["ref"] = ref.state_dict()
-                checkpoint.save(ckpt_dir, step + 1, state, keep=cfg.keep_last)
-    if dist.world > 1 and not dist.same_parameters(policy):
-        raise RuntimeError("parameters differ across ranks after training (a non-deterministic collective?)")
-    if tracker is not None:
-        tracker.end_training()
-    final_sd = dist.full_state(policy)[0] if dist.fsdp else None
-    if dist.main:
-        export(policy, tok, out_dir / "model", state_dict=final_sd)
-    return last
-
-
-def policy_weights(policy: nn.Module, engine: Any) -> list[tuple[str, Tensor]]:
-    """HF-named tensors for a separate engine; nothing when the engine holds the policy itself."""
-    if getattr(engine, "model", None) is policy:
-        return []
-    if isinstance(policy, V3ForCausalLM):
-        from r1.model.hf import hf_state_dict
-
-        return list(hf_state_dict(policy))
-    return list(policy.state_dict().items())
-
-
-def export(model: nn.Module, tok: Any, directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
-    """A HF-format model directory (+ tokenizer) that transformers and vLLM load; `state_dict` replaces the module's
-    own (a sharded model's gathered weights)."""
-    if isinstance(model, V3ForCausalLM):
-        from r1.model.hf import save_hf
-
-        if state_dict is not None:
-            model = V3ForCausalLM(model.config)
-            model.load_state_dict(state_dict)
-        save_hf(model, directory)
-    else:
-        model.save_pretrained(directory, state_dict=state_dict)
-    tok.save_pretrained(str(directory))
+        if cfg.save_every and pos.step % cfg.save_every == 0 or pos.step == cfg.steps:
+            save_checkpoint(run, pos)
+    finish(run)
+    return metrics

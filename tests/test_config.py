@@ -124,3 +124,14 @@ def test_save_and_load_round_trip(tmp_path):
     path = str(tmp_path / "config.yaml")
     save_config(cfg, path)
     assert load_config(Cfg, path, []) == cfg
+
+
+@pytest.mark.parametrize("text, where", [("model: m\nrewards: [math\nlr: 1\n", "line 3"),
+                                         ("model: m\n  steps: 3\n", "line 2"),
+                                         ("model: 'm\n", "end of stream")])
+def test_invalid_yaml_is_one_line_naming_the_file(tmp_path, text, where):
+    path = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} is not valid YAML: ") and where in msg and "\n" not in msg

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1.grpo import (
-    entropy_from_logits,
+    dual_clip_loss,
     group_advantages,
     groups_with_signal,
     k3,
@@ -262,13 +262,45 @@ def test_gspo_clips_whole_sequences():
     assert m["clip_ratio/low_mean"].item() == 0.0
 
 
-def test_entropy_from_logits():
-    logits = torch.tensor(
-        [
-            [0.0, 0.0, 0.0, 0.0],  # uniform over 4: ln 4
-            [0.0, math.log(3.0), -math.inf, -math.inf],  # p = 1/4, 3/4, 0, 0
-            [5.0, -math.inf, -math.inf, -math.inf],  # one-hot: 0, not NaN
-        ]
-    )
-    expected = torch.tensor([math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), 0.0])
-    torch.testing.assert_close(entropy_from_logits(logits), expected)
+def test_batch_scaling_takes_the_std_of_the_rewards_it_is_given():
+    """With several processes each rank passes the gathered global rewards: its slice of groups then gets exactly
+    the advantages of the whole batch."""
+    whole = group_advantages(REWARDS, 3, "batch")
+    part = group_advantages(REWARDS[3:], 3, "batch", batch_rewards=REWARDS)
+    torch.testing.assert_close(part, whole[3:], atol=0, rtol=0)
+    # its own std would differ: [1, 2, 3] has std 1, the batch sqrt(4.3)
+    assert not torch.allclose(group_advantages(REWARDS[3:], 3, "batch"), whole[3:])
+
+
+def test_dual_clip_caps_negative_advantage_losses_at_c():
+    """Two tokens with A = -1 (ratios 5, 2) and two with A = +1 (ratios 5, 1), eps 0.2, DAPO token mean over 4:
+    clipped PPO losses -min(rho A, clip(rho) A): 5, 2 | -1.2, -1. Dual-clip c = 3 caps the first at 3 (veRL's
+    min(-c A, loss) where A < 0), so the loss is (3 + 2 - 1.2 - 1) / 4 = 0.7 instead of 1.2, and that token's
+    gradient is 0; the other gradients are d(rho)/d(logp) / 4 = rho / 4 for A = -1, 0 where clipped, -1/4."""
+    log_ratio = torch.tensor([[math.log(5.0), LN2], [math.log(5.0), 0.0]])
+    A = torch.tensor([-1.0, 1.0])
+    out = {}
+    for c in (0.0, 3.0):
+        logp = log_ratio.clone().requires_grad_(True)
+        loss, _ = policy_loss(logp, torch.zeros(2, 2), A, torch.ones(2, 2), eps_low=0.2, eps_high=0.2,
+                              aggregation="dapo", dual_clip=c)
+        loss.backward()
+        out[c] = (loss.item(), logp.grad)
+    assert out[0.0][0] == pytest.approx(1.2) and out[3.0][0] == pytest.approx(0.7)
+    torch.testing.assert_close(out[0.0][1], torch.tensor([[1.25, 0.5], [0.0, -0.25]]))
+    torch.testing.assert_close(out[3.0][1], torch.tensor([[0.0, 0.5], [0.0, -0.25]]))
+    # the pure function: only A < 0 rows are capped
+    capped = dual_clip_loss(torch.tensor([[5.0, 2.0], [5.0, -1.0]]), torch.tensor([[-1.0], [1.0]]), 3.0)
+    assert capped.tolist() == [[3.0, 2.0], [5.0, -1.0]]
+
+
+def test_k3_clamp():
+    """ref/theta = 20: k3 = 20 - ln 20 - 1 = 16.004, clamped to 10 (veRL's bound); ref/theta = 1/2: k3 = 0.5 + ln 2
+    - 1 = 0.193, unchanged. Unclamped by default."""
+    logp, ref = torch.zeros(2), torch.tensor([math.log(20.0), -LN2])
+    assert k3(logp, ref).tolist() == pytest.approx([20 - math.log(20) - 1, 0.5 + LN2 - 1], abs=1e-5)
+    assert k3(logp, ref, clamp=10.0).tolist() == pytest.approx([10.0, 0.5 + LN2 - 1], abs=1e-5)
+    lp = logp.view(1, 2).clone().requires_grad_(True)
+    _, m = policy_loss(lp, lp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logp_BT=ref.view(1, 2), beta=0.1,
+                       k3_clamp=10.0)
+    assert m["kl"].item() == pytest.approx((10.0 + 0.5 + LN2 - 1) / 2, abs=1e-5)

@@ -115,6 +115,9 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     (["train", "model=/no/such/model"], "model '/no/such/model' not found"),
     (["train", "rewards=[math,maths_typo]"], "unknown reward 'maths_typo'"),
     (["train", "aggregation=dapoo"], "unknown aggregation 'dapoo'"),
+    (["train", "optim=adamw_bf17"], "unknown optim 'adamw_bf17'; known: adamw_torch_fused, adamw_bf16"),
+    (["sft", "optim=sgd"], "unknown optim 'sgd'"),
+    (["train", "dual_clip=0.5"], "dual_clip must be > 1"),
     (["train", "no_such_recipe.yaml"], "recipe 'no_such_recipe.yaml' not found"),
     (["sft", "batch_sise=4"], "unknown key 'batch_sise' (did you mean 'batch_size'?)"),
 ])
@@ -386,3 +389,67 @@ def test_reference_and_inner_updates_side_by_side(model_dir: Path, tmp_path: Pat
     with torch.no_grad():
         direct = sequence_logprobs(load_policy(str(model_dir)).train(), a.ids, a.attn, a.prompt_len, 1.0)[0]
     torch.testing.assert_close(a.old, direct, rtol=0, atol=1e-5)
+
+
+BATCH_ADVANTAGES = """
+import sys, torch
+from r1.trainer import Dist, TrainConfig, advantages
+d = Dist()
+rewards = [float(x) for x in sys.argv[1].split(",")]
+n = len(rewards) // d.world  # rank r holds the r-th slice of whole groups
+adv = advantages(rewards[d.rank * n:(d.rank + 1) * n], TrainConfig(group_size=4, advantage_scale="batch"), d)
+torch.save(adv, f"{sys.argv[2]}/adv{d.rank}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_batch_advantages_are_the_same_on_two_processes(tmp_path: Path) -> None:
+    """advantage_scale=batch: 4 groups of 4 split over 2 processes (gloo) give the advantages of 1 process holding
+    all 16, i.e. every rank scales by the std of the global batch, not of its own half."""
+    from r1.grpo import group_advantages
+
+    # rank 0's half is spread out (std ~4), rank 1's nearly flat (std ~0.6): per-rank scales differ by ~7x
+    rewards = [0.0, 10.0, 2.0, 7.0, 1.0, 9.0, 4.0, 3.0, 0.0, 1.0, 0.5, 1.5, 1.0, 0.0, 1.0, 1.5]
+    script = tmp_path / "adv.py"
+    script.write_text(BATCH_ADVANTAGES)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                        ",".join(map(str, rewards)), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = torch.cat([torch.load(tmp_path / f"adv{i}.pt") for i in range(2)])
+    one = group_advantages(torch.tensor(rewards), 4, scale="batch")
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
+
+
+def test_bf16_moment_adamw_resumes_bitwise() -> None:
+    """optim=adamw_bf16: 3 steps, a state-dict round trip into a fresh optimizer, 2 more == 5 steps straight. The
+    stochastic rounding's noise is a function of (seed, step, parameter), so the state dict is all it needs."""
+    from r1.optim import OPTIMIZERS
+
+    torch.manual_seed(0)
+    grads = [[torch.randn(64, 32), torch.randn(32)] for _ in range(5)]
+    start = [torch.randn(64, 32), torch.randn(32)]
+
+    def run(split: int | None) -> list[torch.Tensor]:
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = OPTIMIZERS["adamw_bf16"](ps, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+        for i, g in enumerate(grads):
+            if i == split:
+                state = opt.state_dict()
+                opt = OPTIMIZERS["adamw_bf16"](ps, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+                opt.load_state_dict(state)
+            for p, gi in zip(ps, g, strict=True):
+                p.grad = gi.clone()
+            opt.step()
+        assert opt.state[ps[0]]["exp_avg"].dtype == torch.bfloat16
+        return [p.detach() for p in ps]
+
+    straight, resumed = run(None), run(3)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))
+
+
+def test_optim_key_picks_the_optimizer(model_dir: Path, tmp_path: Path) -> None:
+    train(tiny(model_dir, tmp_path / "run", steps=1, optim="adamw_bf16", dynamic_sampling=False))
+    opt = torch.load(checkpoint.latest(tmp_path / "run" / "checkpoints") / "state.pt", weights_only=False)["optimizer"]
+    moments = [s["exp_avg"] for s in opt["state"].values() if "exp_avg" in s]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
