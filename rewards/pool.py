@@ -237,4 +237,3 @@ def close_pools() -> None:
             p.close()
 
 
-_close_all = close_pools  # r1/cli.py's name for it until it calls rewards.shutdown()
