@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from r1.config import save_config
-from r1.cpu_gemm import use_onednn
+from r1.cpu import accelerate
 from r1.data import load_rows, render, smoke_splits
 from r1.logprobs import lm_loss
 from r1.model.model import V3ForCausalLM, update_router_biases
@@ -49,7 +49,7 @@ def build_model(name_or_dir: str) -> nn.Module:
     from r1.model.config import PRESETS, load_config
 
     if name_or_dir in PRESETS:
-        return use_onednn(V3ForCausalLM(load_config(name_or_dir)))
+        return accelerate(V3ForCausalLM(load_config(name_or_dir)))
     from r1.trainer import load_policy
 
     return load_policy(name_or_dir)

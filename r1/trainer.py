@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from r1 import checkpoint, grpo
 from r1.config import save_config
-from r1.cpu_gemm import use_onednn
+from r1.cpu import accelerate, accelerate_engine, micro_batches, update_workers
 from r1.data import load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
 from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, update_router_biases
-from r1.parallel import Dist, micro_batches, update_workers
+from r1.parallel import Dist
 
 
 @dataclass
@@ -107,10 +107,10 @@ def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.Mod
     if json.loads((p / "config.json").read_text()).get("model_type") == "deepseek_v3":
         from r1.model.hf import load_hf
 
-        return use_onednn(load_hf(p, dtype=dtype))
+        return accelerate(load_hf(p, dtype=dtype))
     from transformers import AutoModelForCausalLM
 
-    return use_onednn(AutoModelForCausalLM.from_pretrained(p, dtype=dtype))
+    return accelerate(AutoModelForCausalLM.from_pretrained(p, dtype=dtype))
 
 
 def hidden_and_head(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     # a sharded model would need every rank in every forward; the replica is refreshed after each update
     replica = copy.deepcopy(policy).eval().requires_grad_(False) if dist.fsdp else None
     policy = dist.wrap(policy)  # FSDP2 shards in place when launched so; before the optimizer sees the parameters
-    engine = make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok)
+    engine = accelerate_engine(make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok))
     # fused: one kernel for all parameters (on CPU 0.5 ms a step for the smoke model, against 2.4 ms for the loop)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                             fused=True)
