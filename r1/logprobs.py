@@ -110,6 +110,8 @@ def token_logprobs(hidden_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor, te
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x where mask is set (bool or 0/1; 0 when nothing is)."""
+    mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
