@@ -31,7 +31,7 @@ def peak_bytes(fn: Callable[[], object]) -> int:
 
 def cpu_seconds() -> float:
     """CPU seconds of this process and of its live child processes (the torch engine's decode worker:
-    rollouts/decode_worker.py), which time.process_time() alone would miss. Children from /proc (Linux)."""
+    r1/cpu/decode_worker.py), which time.process_time() alone would miss. Children from /proc (Linux)."""
     import multiprocessing
     import os
 
@@ -72,9 +72,9 @@ GEMM_CHOICE = ("auto", "onednn", "torch")
 
 
 def pick_gemm(choice: str) -> str:
-    """--gemm: "auto" keeps r1's CPU-based choice (oneDNN where the CPU has AVX-512: r1/model/gemm.py), "onednn" and
-    "torch" (MKL) force one; returns what the fp32 GEMMs of `use_onednn`-swapped models will run on."""
-    from r1.model import gemm
+    """--gemm: "auto" keeps r1's CPU-based choice (oneDNN where the CPU has AVX-512: r1/cpu/gemm.py), "onednn" and
+    "torch" (MKL) force one; returns what the fp32 GEMMs of `r1.cpu.accelerate`d models will run on."""
+    from r1.cpu import gemm
 
     gemm.prefer({"auto": None, "onednn": True, "torch": False}[choice])
     return "onednn" if gemm.ENABLED else "torch"

@@ -1,4 +1,4 @@
-"""fp32 GEMM throughput on this CPU: torch's matmul (MKL) vs r1.model.gemm (oneDNN), for the shapes of the
+"""fp32 GEMM throughput on this CPU: torch's matmul (MKL) vs r1.cpu.gemm (oneDNN), for the shapes of the
 bench model's linears (4096 tokens) and experts (1024 rows each), in one process.
 
 For each y = x W^T ([M, K] . [N, K]^T) it times the forward, dgrad (dy W) and wgrad (dy^T x) GEMMs, best of
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import pick_gemm, report  # noqa: E402
 
-from r1.model.gemm import mm_nt, usable, wgrad  # noqa: E402
+from r1.cpu.gemm import mm_nt, usable, wgrad  # noqa: E402
 
 SHAPES = {  # name: (M, K, N)
     "q_a_proj": (4096, 256, 128), "q_b_proj": (4096, 128, 384), "kv_a_proj": (4096, 256, 80),

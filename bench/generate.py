@@ -30,9 +30,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/_v3ref.py builds transf
 
 from _v3ref import hf_copy, randomize  # noqa: E402
 
-from r1.cpu_gemm import use_onednn  # noqa: E402
+from r1.cpu import CPUTorchEngine, accelerate  # noqa: E402
 from r1.model import PRESETS, V3ForCausalLM  # noqa: E402
-from rollouts import SamplingParams, TorchEngine  # noqa: E402
+from rollouts import SamplingParams  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -73,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = randomize(V3ForCausalLM(PRESETS[args.preset])).eval()
     theirs = hf_copy(ours).eval()
-    use_onednn(ours)  # as r1's loaders build it (r1/cpu_gemm.py): large fp32 GEMMs (the prefill) on oneDNN
+    accelerate(ours)  # as r1's loaders build it: the CPU layer (r1/cpu)
     theirs.generation_config.pad_token_id = 0
     V = ours.config.vocab_size
     # left padding: prompt lengths between half and full length, as real rollout batches look
@@ -85,7 +85,7 @@ def main() -> None:
     for i, p in enumerate(prompts):
         ids[i, args.prompt - len(p):], mask[i, args.prompt - len(p):] = torch.tensor(p), 1
 
-    engine = TorchEngine(ours)
+    engine = CPUTorchEngine(ours)  # as r1.cpu.accelerate_engine builds it
     sp = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=args.new, ignore_eos=True, seed=0)
 
     def run_ours() -> None:

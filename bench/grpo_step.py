@@ -15,8 +15,8 @@ its own `generate`. Both sides:
 The weights are random, so rewards are mostly 0: the compute of a step does not depend on them.
 TRL runs fp32 (bf16=False; its default is bf16 autocast). Its default gradient checkpointing (on) trades time
 for memory, so TRL runs both with and without it (`--trl-ckpt`). Ours runs its CPU defaults: the engine decodes
-half of each step's prompts in a second process (rollouts/decode_worker.py) and the update runs two micro-batches
-side by side on threads (r1.parallel.micro_batches), one core each; TRL uses the 2 cores as intra-op threads.
+half of each step's prompts in a second process (r1/cpu/decode_worker.py) and the update runs two micro-batches
+side by side on threads (r1.cpu.micro_batches), one core each; TRL uses the 2 cores as intra-op threads.
 
 Timing: runs of (warm-up + timed) steps, ours and TRL's alternating, `--rounds` times; per-step seconds from
 our metrics.jsonl (time/step) and from TRL callbacks (on_step_begin -> on_step_end); medians of the timed steps.
@@ -59,17 +59,19 @@ from common import cpu_seconds, peak_bytes  # noqa: E402
 
 import rollouts  # noqa: E402
 from r1 import trainer  # noqa: E402
+from r1.cpu import CPUTorchEngine, accelerate  # noqa: E402
 from r1.data import render, smoke_rl_rows  # noqa: E402
 from r1.model.config import PRESETS  # noqa: E402
 from r1.model.model import V3ForCausalLM  # noqa: E402
+from r1.policy import export, load_policy  # noqa: E402
 from r1.tokenizer import load_tokenizer  # noqa: E402
-from r1.trainer import TrainConfig, export, load_policy, sequence_logprobs, train  # noqa: E402
+from r1.trainer import TrainConfig, sequence_logprobs, train  # noqa: E402
 from rewards.math import forget_verdicts, math_reward  # noqa: E402
 
 ENGINE = "torch_fixed_length"
 
 
-class FixedLengthEngine(rollouts.TorchEngine):
+class FixedLengthEngine(CPUTorchEngine):
     """Our torch engine with EOS ignored, so every completion is exactly max_tokens long (as TRL's with
     min_new_tokens = max_new_tokens). TrainConfig has no ignore_eos, so the benchmark registers this engine."""
 
@@ -138,10 +140,10 @@ def run_ours(args: argparse.Namespace, model_dir: Path, out_dir: Path, steps: in
 
 
 def decode_worker_bytes(args: argparse.Namespace, model_dir: Path) -> int:
-    """What the profiler in this process cannot see of ours: the decode worker's (rollouts/decode_worker.py) replica
+    """What the profiler in this process cannot see of ours: the decode worker's (r1/cpu/decode_worker.py) replica
     of the weights plus the peak of decoding its half of a step's prompts, measured here the same way. Added to the
     main process's peak, though the two peaks do not coincide (the worker idles during the update): an upper bound."""
-    policy = load_policy(str(model_dir))
+    policy = accelerate(load_policy(str(model_dir)))
     engine = FixedLengthEngine(policy, load_tokenizer(str(model_dir)))
     if not engine._splits(args.prompts, args.group_size):
         return 0
@@ -150,7 +152,8 @@ def decode_worker_bytes(args: argparse.Namespace, model_dir: Path) -> int:
     sp = rollouts.SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     replica = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
     with torch.inference_mode():
-        return replica + peak_bytes(lambda: engine._run(prompts[(args.prompts + 1) // 2:], sp, args.group_size))
+        half = prompts[(args.prompts + 1) // 2:]  # decoded in this process, unsplit (TorchEngine's loop)
+        return replica + peak_bytes(lambda: rollouts.TorchEngine._run(engine, half, sp, args.group_size))
 
 
 def trl_dataset(args: argparse.Namespace, steps: int) -> Any:

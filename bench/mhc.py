@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GEMM_CHOICE, pick_gemm, report  # noqa: E402
 
-from r1.cpu_gemm import use_onednn  # noqa: E402
+from r1.cpu import accelerate  # noqa: E402
 from r1.logprobs import lm_loss  # noqa: E402
 from r1.model.config import PRESETS  # noqa: E402
 from r1.model.hc import hc_metrics  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256, help="hidden size (the other dims as in the preset)")
     ap.add_argument("--gemm", choices=GEMM_CHOICE, default="auto",
                     help="fp32 GEMMs as r1's loaders pick them (auto: oneDNN where the CPU has AVX-512, "
-                         "r1/model/gemm.py), or forced onto oneDNN or torch's matmul (MKL)")
+                         "r1/cpu/gemm.py), or forced onto oneDNN or torch's matmul (MKL)")
     args = ap.parse_args()
     gemm = pick_gemm(args.gemm)
     if args.threads:
@@ -69,7 +69,7 @@ def main() -> None:
     for mode in MODES:
         torch.manual_seed(0)  # the same standard weights in all three (HC parameters come on top)
         models[mode] = V3ForCausalLM(base.replace(residual=mode)).train()
-        use_onednn(models[mode])  # as r1's loaders do (a no-op where the GEMMs stay on torch's matmul)
+        accelerate(models[mode])  # as r1's loaders do: the CPU layer (r1/cpu)
         # fused, as r1's trainer and SFT use it (the per-parameter loop would charge HC's 48 small tensors)
         opts[mode] = torch.optim.AdamW(models[mode].parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     losses: dict[str, list[float]] = {m: [] for m in MODES}

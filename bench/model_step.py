@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _v3ref import hf_copy, randomize  # noqa: E402
 from common import GEMM_CHOICE, alternate, peak_bytes, pick_gemm, report  # noqa: E402
 
-from r1.cpu_gemm import use_onednn  # noqa: E402
+from r1.cpu import accelerate  # noqa: E402
 from r1.logprobs import lm_loss  # noqa: E402
 from r1.model.config import PRESETS  # noqa: E402
 from r1.model.model import V3ForCausalLM  # noqa: E402
@@ -37,14 +37,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--gemm", choices=GEMM_CHOICE, default="auto",
                     help="fp32 GEMMs as r1's loaders pick them (auto: oneDNN where the CPU has AVX-512, "
-                         "r1/model/gemm.py), or forced onto oneDNN or torch's matmul (MKL)")
+                         "r1/cpu/gemm.py), or forced onto oneDNN or torch's matmul (MKL)")
     args = ap.parse_args()
     gemm = pick_gemm(args.gemm)
     torch.manual_seed(0)
     c = PRESETS["bench"].replace(seq_aux_loss_alpha=0.0, num_nextn_predict_layers=0)
     ours = randomize(V3ForCausalLM(c)).train()
     ref = hf_copy(ours, attn="sdpa").train()  # transformers' default attention
-    use_onednn(ours)  # as r1's loaders build it (r1/cpu_gemm.py): a no-op where the GEMMs stay on torch's matmul
+    accelerate(ours)  # as r1's loaders build it: the CPU layer (r1/cpu)
     ids = torch.randint(0, c.vocab_size, (args.batch, args.seq))
 
     def step_ours() -> None:

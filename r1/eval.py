@@ -232,13 +232,14 @@ def format_table(summary: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def load_model(path: str | Path) -> Any:
-    """The policy loader of the trainer, in bf16 on a GPU when there is one."""
+    """The policy (r1.policy), in bf16 on a GPU when there is one; on a CPU with the CPU layer (r1.cpu)."""
     import torch
 
+    from r1.cpu import accelerate
     from r1.policy import load_policy
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return load_policy(str(path), dtype=dtype).to("cuda" if torch.cuda.is_available() else "cpu")
+    return accelerate(load_policy(str(path), dtype=dtype)).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # engine name -> its constructor arguments from the model directory: vLLM loads the directory itself (and may take
@@ -271,6 +272,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from r1.cpu import accelerate_engine
     from r1.tokenizer import load_tokenizer
     from rollouts import make_engine
 
@@ -279,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model directory {args.model} does not exist")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    engine = make_engine(args.engine, tokenizer=tokenizer, **ENGINE_ARGS[args.engine](args.model))
+    engine = accelerate_engine(make_engine(args.engine, tokenizer=tokenizer, **ENGINE_ARGS[args.engine](args.model)))
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               seed=args.seed)
     summary = evaluate(engine, tokenizer, rows, problem_key=b.problem, answer_key=b.answer, template=args.template,

@@ -271,7 +271,7 @@ class Fp8Linear(nn.Linear):
     master nn.Parameter (same name, same object as the converted layer's: optimizers and checkpoints see no
     difference)."""
 
-    full_precision = False  # r1/model/model.py: decoding never folds or densifies these weights
+    full_precision = False  # the CPU layer (r1/cpu) never folds or densifies these weights for decoding
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, cfg: Fp8Config | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -352,7 +352,7 @@ def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None) -> nn.Modu
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            # any nn.Linear / GroupedExperts not yet in FP8 (also r1.cpu_gemm's oneDNN ones, as loaders build them)
+            # any nn.Linear / GroupedExperts not yet in FP8 (also the CPU layer's, as loaders build them)
             if isinstance(child, nn.Linear) and not isinstance(child, Fp8Linear) and name in targets:
                 swaps.append((parent, name, Fp8Linear.from_linear(child, cfg)))
             elif isinstance(child, GroupedExperts) and not isinstance(child, Fp8GroupedExperts) and cfg.experts:

@@ -10,10 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from r1.model.gemm import mm_nt, wgrad
+
+# The output head's GEMMs, a b^T and dy^T x; r1.cpu.accelerate replaces both with oneDNN's (r1/cpu/gemm.py), which
+# fall back to these for anything but fp32 CPU tensors.
+def mm_nt(a_MK: Tensor, b_NK: Tensor) -> Tensor:
+    return a_MK @ b_NK.T
+
+
+def wgrad(dy_MN: Tensor, x_MK: Tensor) -> Tensor:
+    return dy_MN.T @ x_MK
 
 
 def _compute_dtype(h: Tensor, w: Tensor) -> torch.dtype:
@@ -103,6 +110,8 @@ def token_logprobs(hidden_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor, te
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x where mask is set (bool or 0/1; 0 when nothing is)."""
+    mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -129,8 +138,3 @@ def lm_loss(out: object, lm_head_weight: Tensor, input_ids: Tensor, loss_mask: T
         total = total + aux
         metrics["loss/balance"] = aux.item()
     return total, metrics
-
-
-def full_logprobs(logits_BTV: Tensor, targets_BT: Tensor) -> Tensor:
-    """Reference (unchunked) version, for tests."""
-    return F.log_softmax(logits_BTV.float(), -1).gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)

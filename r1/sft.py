@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from r1.config import save_config
-from r1.cpu_gemm import use_onednn
+from r1.cpu import accelerate
 from r1.data import encode_prompts, load_rows, render, smoke_splits
 from r1.logprobs import lm_loss
 from r1.model.model import V3ForCausalLM, update_router_biases
@@ -77,7 +77,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
         rows = rows[:cfg.max_rows]
     tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer else cfg.model)
     torch.manual_seed(cfg.seed)
-    model = use_onednn(build_model(cfg.model)).train()
+    model = accelerate(build_model(cfg.model)).train()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, str(out_dir / "config.yaml"))

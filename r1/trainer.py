@@ -29,13 +29,13 @@ from tqdm import tqdm
 
 from r1 import checkpoint, grpo
 from r1.config import save_config
-from r1.cpu_gemm import use_onednn
+from r1.cpu import accelerate, accelerate_engine, micro_batches, update_workers
 from r1.data import encode_prompts, load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
 from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, update_router_biases
 from r1.optim import OPTIMIZERS
-from r1.parallel import Dist, micro_batches, update_workers
+from r1.parallel import Dist
 from r1.policy import engine_weights, export, load_policy
 
 
@@ -280,7 +280,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
     rows = smoke_rl_rows(seed=cfg.seed) if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key or cfg.prompt_key), cfg.dataset_config)
-    policy = use_onednn(load_policy(cfg.model)).to(dist.device).train()
+    policy = accelerate(load_policy(cfg.model)).to(dist.device).train()
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     out_dir = Path(cfg.output_dir)
     resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \
@@ -297,7 +297,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     # a sharded model would need every rank in every forward; the replica is refreshed after each update
     replica = copy.deepcopy(policy).eval().requires_grad_(False) if dist.fsdp else None
     policy = dist.wrap(policy)  # FSDP2 shards in place when launched so; before the optimizer sees the parameters
-    engine = make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok)
+    engine = accelerate_engine(make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok))
     opt = OPTIMIZERS[cfg.optim](policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     order = list(range(len(rows)))

@@ -7,16 +7,14 @@ Two model families behind one small stepper interface:
 
 Each prompt is prefilled once and its cache rows are repeated n times. Finished rows leave the batch
 (their cache rows are dropped), so no compute goes to sequences that are done. Per-sample generators
-make samples reproducible and independent of how the batch shrinks (rollouts/sampling.py). On a CPU a
-large enough call splits its prompts with a second process, one core each (rollouts/decode_worker.py).
+make samples reproducible and independent of how the batch shrinks (rollouts/sampling.py), and of which
+rows one process decodes (r1.cpu's engine splits a call's prompts over two processes on a CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -25,10 +23,7 @@ from torch import Tensor, nn
 
 from r1.model import LatentCache, V3ForCausalLM
 from r1.model.hf import hf_to_native, load_state
-from r1.model.model import GroupedExperts
-from r1.parallel import intra_op_threads
 from rollouts.base import Rollout, SamplingParams
-from rollouts.decode_worker import DecodeWorker, Result, WorkerDied
 from rollouts.sampling import NoiseStreams, make_generators, sample
 
 
@@ -91,30 +86,7 @@ class HFStepper:
 # model class -> stepper; anything else is treated as a transformers causal LM
 STEPPERS: dict[type[nn.Module], type] = {V3ForCausalLM: V3Stepper}
 
-# A decode step whose GEMMs total at most this many multiply-adds runs on one CPU thread: its ~200 ops then take
-# a few microseconds each, and an OpenMP fork/join per op costs more than the second core gives back. Measured
-# (whole generate calls, alternating in one process, 2 cores): the tiny V3 (134k multiply-adds a token) at 8 rows
-# 118 ms on one thread vs 166 on two; at 16 rows even (145-172 vs 150-195 over four runs); at 32 rows 205 vs 186.
-ONE_THREAD_DECODE_MACS = 1 << 21
-# A call whose rows' multiply-adds per decoded token reach this splits its prompts with a decode worker process when
-# `processes` is auto (rollouts/decode_worker.py): the smoke GRPO step (128 rows x 430k) is 55M; a tiny test call
-# stays in one process (the worker's start, ~2 s, would cost more than it saves).
-SPLIT_DECODE_MACS = 1 << 24
-
-
-def macs_per_token(model: nn.Module) -> int:
-    """Multiply-adds of one decoded token through the model's GEMMs, i.e. the matrix weights it reads: routed
-    experts count for the k of E a token uses; embeddings (one row read) and MTP modules (not run) not at all."""
-    k_of_e = 1.0
-    if isinstance(model, V3ForCausalLM):
-        k_of_e = model.config.num_experts_per_tok / model.config.n_routed_experts
-    total = 0.0
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding) or name.startswith("mtp."):
-            continue
-        own = sum(p.numel() for p in m.parameters(recurse=False) if p.dim() >= 2)
-        total += own * (k_of_e if isinstance(m, GroupedExperts) else 1.0)
-    return int(total)
+Result = tuple[Tensor, Tensor, list[int], list[bool]]  # TorchEngine._run's: tokens, log-probs, lengths, stopped
 
 
 def _eos_ids(model: nn.Module, tokenizer: object | None) -> list[int]:
@@ -129,20 +101,13 @@ class TorchEngine:
     (CPU colocation): generation switches it to eval + inference mode and restores train mode after."""
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, processes: int = 0):
-        """processes: 1 decodes in this process only; 2 splits every call of two or more prompts with a decode
-        worker (native V3 model on a CPU); 0 (auto) splits on a CPU with >= 2 threads when the call reaches
-        SPLIT_DECODE_MACS."""
-        if processes not in (0, 1, 2):
-            raise ValueError(f"processes must be 0 (auto), 1 or 2, not {processes}")
-        self.model, self.tokenizer, self.processes = model, tokenizer, processes
-        self._worker: DecodeWorker | None = None
+                 pad_token_id: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
         self.eos_ids = _eos_ids(model, tokenizer) if eos_token_id is None else \
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         pad = getattr(tokenizer, "pad_token_id", None) if pad_token_id is None else pad_token_id
         self.pad_id = 0 if pad is None else pad  # pads are masked out; any valid id will do
         self.stepper_cls = next((s for cls, s in STEPPERS.items() if isinstance(model, cls)), HFStepper)
-        self.macs_per_token = macs_per_token(model)
         self.asleep = False
 
     # ------------------------------------------------------------------------------------------ generate
@@ -157,8 +122,7 @@ class TorchEngine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                tokens_NM, logps_NM, lengths_N, stopped_N = self._split_run(prompt_ids, sampling, n) \
-                    if self._splits(len(prompt_ids), n) else self._run(prompt_ids, sampling, n)
+                tokens_NM, logps_NM, lengths_N, stopped_N = self._run(prompt_ids, sampling, n)
         finally:
             self.model.train(was_training)
         out = []
@@ -168,58 +132,6 @@ class TorchEngine:
             out.append(Rollout(prompt_index=i // n, token_ids=ids, logprobs=logps_NM[i, :lengths_N[i]].tolist(),
                                text=text, finish_reason="stop" if stopped_N[i] or hit else "length"))
         return out
-
-    def _splits(self, n_prompts: int, n: int) -> bool:
-        if self.processes == 1 or n_prompts < 2 or not isinstance(self.model, V3ForCausalLM) or \
-                next(self.model.parameters()).device.type != "cpu":
-            return False
-        return self.processes == 2 or (torch.get_num_threads() >= 2 and
-                                       n_prompts * n * self.macs_per_token >= SPLIT_DECODE_MACS)
-
-    def _split_run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, n: int) -> Result:
-        """The first half of the prompts here, the rest in the decode worker, one thread each. A worker that cannot
-        start (e.g. no room in /dev/shm for the replica) turns splitting off with a warning; one that dies during
-        the call has its half decoded here (the same samples: they are seeded by index) and is replaced next call."""
-        if self._worker is not None and not self._worker.alive():
-            self.close()
-        if self._worker is None:
-            try:
-                self._worker = DecodeWorker(self.model, self.tokenizer, self.eos_ids, self.pad_id)
-            except (OSError, RuntimeError) as e:
-                warnings.warn(f"r1: the decode worker process did not start ({e}); decoding in this process only",
-                              stacklevel=3)
-                self.processes = 1
-                return self._run(prompts, sp, n)
-            self._finalizer = weakref.finalize(self, self._worker.close)
-        half = (len(prompts) + 1) // 2
-        try:
-            self._worker.submit(self.model, prompts[half:], sp, n, first=half * n)
-        except WorkerDied as e:
-            warnings.warn(f"r1: {e}; decoding this call in this process", stacklevel=3)
-            self.close()
-            return self._run(prompts, sp, n)
-        try:
-            with intra_op_threads(1):
-                mine = self._run(prompts[:half], sp, n)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._worker.result()  # its answer is read all the same: the pipe stays in step
-            raise
-        try:
-            theirs = self._worker.result()
-        except WorkerDied as e:
-            warnings.warn(f"r1: {e}; decoding its half in this process", stacklevel=3)
-            self.close()
-            theirs = self._run(prompts[half:], sp, n, first=half * n)
-        return (torch.cat([mine[0], theirs[0]]), torch.cat([mine[1], theirs[1]]), mine[2] + theirs[2],
-                mine[3] + theirs[3])
-
-    def close(self) -> None:
-        """Stop the decode worker, if one runs (the next split call starts a new one)."""
-        if self._worker is not None:
-            self._finalizer.detach()
-            self._worker.close()
-            self._worker = None
 
     def _run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, n: int, first: int = 0) -> Result:
         """Decode n samples of each prompt in this process; samples are numbered from `first` (their generators'
@@ -253,9 +165,7 @@ class TorchEngine:
         lengths_N, stopped_N = [M] * N, [False] * N
         live = list(range(N))  # sample index of each batch row
         live_B = torch.arange(N, device=dev)
-        # a tiny decode step runs on one thread (ONE_THREAD_DECODE_MACS); the prefill above used them all
-        one_thread = dev.type == "cpu" and N * self.macs_per_token <= ONE_THREAD_DECODE_MACS
-        with intra_op_threads(1) if one_thread else contextlib.nullcontext():
+        with self._decoding(N):
             for t in range(M):
                 noise_BV = noise.next(live, live_B) if noise is not None else None
                 tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live], noise_BV)
@@ -284,6 +194,10 @@ class TorchEngine:
             for b, i in enumerate(live):
                 stopped_N[i] = stopped_N[i] or hit[b]
         return tokens_NM.cpu(), logps_NM.cpu(), lengths_N, stopped_N
+
+    def _decoding(self, rows: int) -> contextlib.AbstractContextManager:
+        """The context the decode steps of `rows` samples run in (after the prefill); a subclass may set threads."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------ text
     def _tail_has_stop(self, ids_T: Tensor, stops: tuple[str, ...]) -> bool:
@@ -340,10 +254,9 @@ class TorchEngine:
 
     # ------------------------------------------------------------------------------------------ memory
     def sleep(self) -> None:
-        """Nothing persists between generate calls (caches are per call), so sleeping stops the decode worker
-        and returns the allocator's cached blocks; the weights stay (the CPU engine usually shares the trainer's)."""
+        """Nothing persists between generate calls (caches are per call), so sleeping returns the allocator's
+        cached blocks; the weights stay (the CPU engine usually shares the trainer's)."""
         self.asleep = True
-        self.close()  # the decode worker's replica and caches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

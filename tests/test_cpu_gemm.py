@@ -1,4 +1,4 @@
-"""The oneDNN GEMM path (r1/model/gemm.py, swapped in by r1/cpu_gemm.py): each of its three GEMMs against an
+"""The oneDNN GEMM path (r1/cpu/gemm.py, swapped in by r1.cpu.accelerate): each of its three GEMMs against an
 fp64 reference, the grouped experts against a per-expert loop, the fallbacks, and a swapped V3 model against
 transformers' DeepseekV3."""
 
@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from _v3ref import hf_copy, randomize
 
-from r1.cpu_gemm import OneDNNGroupedExperts, OneDNNLinear, use_onednn
+from r1.cpu import accelerate
+from r1.cpu import gemm as cpu_gemm
+from r1.cpu.gemm import MIN_ROWS, OneDNNLinear
+from r1.cpu.moe import CPUGroupedExperts
 from r1.logprobs import lm_loss
-from r1.model import gemm as cpu_gemm
 from r1.model.config import PRESETS
-from r1.model.gemm import MIN_ROWS
 from r1.model.model import V3ForCausalLM
 
 pytestmark = pytest.mark.skipif(cpu_gemm.LINEAR_OP is None, reason="this torch build has no oneDNN linear op")
@@ -91,9 +92,9 @@ def test_swapped_v3_model_matches_transformers_and_the_unswapped_model():
     c = PRESETS["tiny"].replace(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0)
     plain = randomize(V3ForCausalLM(c)).train()
     ref = hf_copy(plain).train()
-    fast = use_onednn(copy.deepcopy(plain))
+    fast = accelerate(copy.deepcopy(plain))
     kinds = {type(m) for m in fast.modules()}
-    assert OneDNNLinear in kinds and OneDNNGroupedExperts in kinds and torch.nn.Linear not in kinds
+    assert OneDNNLinear in kinds and CPUGroupedExperts in kinds and torch.nn.Linear not in kinds
     assert list(fast.state_dict()) == list(plain.state_dict())  # same names: checkpoints unchanged
     ids = torch.randint(0, c.vocab_size, (8, 160))  # 1280 tokens x 2 / 8 experts: above EXPERT_MIN_ROWS each
     assert ids.numel() * c.num_experts_per_tok >= cpu_gemm.EXPERT_MIN_ROWS * c.n_routed_experts
@@ -110,29 +111,30 @@ def test_swapped_v3_model_matches_transformers_and_the_unswapped_model():
             assert (p.grad - q.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-7, name
 
 
-def test_use_onednn_reuses_parameters_and_keeps_ties():
+def test_accelerate_reuses_parameters_and_keeps_ties():
     lin = torch.nn.Linear(8, 4)
     emb = torch.nn.Embedding(4, 8)
     head = torch.nn.Linear(8, 4, bias=False)
     head.weight = emb.weight  # tied
     model = torch.nn.ModuleDict({"lin": lin, "emb": emb, "head": head})
-    use_onednn(model)
+    accelerate(model)
     assert isinstance(model["lin"], OneDNNLinear) and model["lin"].weight is lin.weight
     assert model["head"].weight is model["emb"].weight
 
 
 def test_the_loaders_build_swapped_models(tmp_path):
-    """r1's own loading path (trainer, eval, SFT presets) runs the oneDNN kernels, for V3 and transformers models."""
+    """r1's own loading path (r1.policy, then r1.cpu.accelerate as the trainer, eval and SFT apply it) runs the
+    oneDNN kernels, for V3 and transformers models."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from r1.eval import load_model
     from r1.model.hf import save_hf
-    from r1.sft import build_model
-    from r1.trainer import load_policy
+    from r1.policy import build_model
 
     save_hf(V3ForCausalLM(PRESETS["tiny"]), tmp_path / "v3")
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
-    for model in (load_policy(str(tmp_path / "v3")), load_policy(str(tmp_path / "llama")), build_model("tiny")):
+    for model in (load_model(tmp_path / "v3"), load_model(tmp_path / "llama"), accelerate(build_model("tiny"))):
         kinds = {type(m) for m in model.modules()}
         assert OneDNNLinear in kinds and torch.nn.Linear not in kinds, type(model).__name__
 
@@ -140,9 +142,10 @@ def test_the_loaders_build_swapped_models(tmp_path):
 def test_fp8_conversion_takes_swapped_modules():
     from r1.fp8 import Fp8GroupedExperts, Fp8Linear, convert_to_fp8
 
-    model = convert_to_fp8(use_onednn(V3ForCausalLM(PRESETS["tiny"])))
+    model = convert_to_fp8(accelerate(V3ForCausalLM(PRESETS["tiny"])))
     kinds = {type(m) for m in model.modules()}
-    assert Fp8Linear in kinds and Fp8GroupedExperts in kinds and OneDNNGroupedExperts not in kinds
+    assert Fp8Linear in kinds and Fp8GroupedExperts in kinds and CPUGroupedExperts not in kinds
+    assert not any(isinstance(m, CPUGroupedExperts) for m in model.modules())
     assert isinstance(model.lm_head, OneDNNLinear)  # the head stays high precision (not an FP8 target)
 
 
@@ -166,13 +169,41 @@ def test_bucketing_keeps_rows_and_skips_huge_gemms(monkeypatch):
 
 def test_off_means_no_swap_and_torch_matmul(monkeypatch):
     """With the path off (the default on a CPU without AVX-512, where MKL measured faster), the loaders' swap
-    leaves the model as it is and the kernels' entry points run torch's matmul, not oneDNN."""
+    leaves the linears as they are and the kernels' entry points run torch's matmul, not oneDNN."""
     cpu_gemm.prefer(False)
-    model = use_onednn(V3ForCausalLM(PRESETS["tiny"]))
+    model = accelerate(V3ForCausalLM(PRESETS["tiny"]))
     kinds = {type(m) for m in model.modules()}
-    assert OneDNNLinear not in kinds and OneDNNGroupedExperts not in kinds and torch.nn.Linear in kinds
+    assert OneDNNLinear not in kinds and torch.nn.Linear in kinds
     monkeypatch.setattr(cpu_gemm, "LINEAR_OP", lambda *a: pytest.fail("oneDNN called while off"))
     a, b = torch.randn(256, 128), torch.randn(256, 128)
     assert torch.allclose(cpu_gemm.mm_nt(a, b), a @ b.T) and torch.allclose(cpu_gemm.wgrad(a, b), a.T @ b)
     cpu_gemm.prefer(None)
     assert cpu_gemm.ENABLED == cpu_gemm.AVX512
+
+
+def test_accelerate_puts_the_output_head_on_onednn(monkeypatch):
+    """r1.cpu.accelerate installs oneDNN's GEMMs as the fused head's (r1/logprobs.py): log-probs, entropy and both
+    gradients equal autograd through torch's log_softmax, and oneDNN runs them."""
+    from r1 import logprobs
+
+    monkeypatch.setattr(logprobs, "mm_nt", logprobs.mm_nt)  # restored after the test
+    monkeypatch.setattr(logprobs, "wgrad", logprobs.wgrad)
+    accelerate(torch.nn.Linear(2, 2))
+    assert logprobs.mm_nt is cpu_gemm.mm_nt and logprobs.wgrad is cpu_gemm.wgrad
+    calls = []
+    op = cpu_gemm.LINEAR_OP
+    monkeypatch.setattr(cpu_gemm, "LINEAR_OP", lambda *a: calls.append(a[0].shape) or op(*a))
+    torch.manual_seed(6)
+    h = torch.randn(2, 40, 256, requires_grad=True)
+    w = torch.randn(1024, 256, requires_grad=True) / 16
+    t = torch.randint(0, 1024, (2, 40))
+    lp, ent = logprobs.token_logprobs(h, w, t, chunk=64, with_entropy=True)
+    g = torch.autograd.grad(lp.sum() + ent.sum(), (h, w))
+    assert calls  # forward, dgrad and wgrad on oneDNN
+    all_lp = torch.log_softmax(h @ w.T, -1)
+    ref_lp = all_lp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    ref_ent = -(all_lp.exp() * all_lp).sum(-1)
+    ref = torch.autograd.grad(ref_lp.sum() + ref_ent.sum(), (h, w))
+    assert torch.allclose(lp, ref_lp, atol=1e-4) and torch.allclose(ent, ref_ent, atol=1e-4)
+    for a, b in zip(g, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

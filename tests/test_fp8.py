@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from r1.cpu import intra_op_threads
 from r1.fp8 import (
     BACKENDS,
     E4M3,
@@ -33,7 +34,6 @@ from r1.model import PRESETS, LatentCache, V3ForCausalLM
 from r1.model import hf as hf_io
 from r1.model.model import GroupedExperts
 from r1.optim import AdamW, round_stochastic
-from r1.parallel import intra_op_threads
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -275,10 +275,14 @@ def test_convert_recipe_and_decode_path():
         outs.append(model.logits(ids[:, 8:], cache=cache))
     assert m.layers[1].self_attn.kv_b_proj.weight.dtype == torch.float32
     assert rel(outs[0], outs[1]) < 0.1
-    # FP8 experts never take the full-precision decode shortcut (rollouts must use the numerics training uses)
+    # FP8 experts never take the CPU layer's full-precision decode shortcuts (rollouts use the numerics training uses)
+    from r1.cpu import accelerate
+    from r1.cpu.moe import gathered
+
+    accelerate(m), accelerate(ref)
     K = c.num_experts_per_tok
     one = torch.zeros(1, c.hidden_size), torch.zeros(1, K, dtype=torch.long), torch.ones(1, K)
-    assert m.layers[1].mlp.experts.gathered(*one) is None and ref.layers[1].mlp.experts.gathered(*one) is not None
+    assert gathered(m.layers[1].mlp.experts, *one) is None and gathered(ref.layers[1].mlp.experts, *one) is not None
     assert m.layers[1].mlp._dense() is None and ref.layers[1].mlp._dense() is not None
     assert m.layers[1].self_attn._fold() is None and ref.layers[1].self_attn._fold() is not None
 

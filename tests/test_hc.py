@@ -3,6 +3,7 @@ the gain metrics and the HF round trip."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from r1.model import cext
+from r1.cpu import accelerate, cext
+from r1.cpu.hc import CPUHyperConnection, _FusedRead
 from r1.model.config import PRESETS
 from r1.model.hc import HyperConnection, hc_metrics, sinkhorn
 from r1.model.hf import load_hf, save_hf
@@ -334,7 +336,7 @@ def _hc_step(m, x):
 # the unrolled n = 4 (and 2, 8) and the generic loops (3); the projection's column tiles 24 (n = 4), 8 (2),
 # 24 + 24 + 24 + 8 (8), 16 with a padded column (3: M = 15); dx's 8-wide tail panel (3 x 24 = 72 columns)
 @pytest.mark.parametrize(("n", "hidden"), [(4, 64), (3, 64), (2, 24), (8, 40), (3, 24)])
-def test_c_kernels_are_as_accurate_as_the_torch_path(mode, n, hidden, monkeypatch):
+def test_c_kernels_are_as_accurate_as_the_torch_path(mode, n, hidden):
     """The read side (norm-projection, maps H with Sinkhorn and its implicit backward, mixing) and the write-back in
     C, against the torch path in fp64: the output, the stream gradient and every HC parameter's gradient are as close
     as torch's own fp32 path gets (Sinkhorn's backward solves amplify fp32 rounding in both), with phi moved off
@@ -345,11 +347,11 @@ def test_c_kernels_are_as_accurate_as_the_torch_path(mode, n, hidden, monkeypatc
         m.phi.normal_(0, 0.3)
         m.alpha.fill_(0.7)
     x = torch.randn(3, 37, n, m.phi.shape[0] // n)
-    c32 = _hc_step(m, x)  # fp32 CPU: the C kernels
-    with monkeypatch.context() as mp:
-        mp.setattr(cext, "fits", lambda *a: False)
-        t32 = _hc_step(m, x)
-        t64 = _hc_step(m.double(), x.double())
+    fast = accelerate(copy.deepcopy(m))
+    assert type(fast) is CPUHyperConnection
+    c32 = _hc_step(fast, x)  # fp32 CPU: the C kernels
+    t32 = _hc_step(m, x)  # the model's torch path
+    t64 = _hc_step(m.double(), x.double())
     names = ["out", "dx"] + [k for k, _ in m.named_parameters()]
     for name, c, t, ref in zip(names, c32, t32, t64, strict=True):
         scale = ref.abs().max()
@@ -364,7 +366,7 @@ def test_c_kernels_do_not_depend_on_the_thread_count(mode):
     """The C path's output, stream gradient and parameter gradients are bitwise the same on 1 and 3 threads: every
     sum over tokens (the biases', alphas', phi's and the norm weight's gradients) runs in token order on one thread."""
     torch.manual_seed(0)
-    m = HyperConnection(tiny(residual=mode), index=2)
+    m = accelerate(HyperConnection(tiny(residual=mode), index=2))
     with torch.no_grad():
         m.phi.normal_(0, 0.3)
         m.alpha.fill_(0.7)
@@ -385,7 +387,7 @@ def test_c_kernels_do_not_depend_on_the_thread_count(mode):
 def test_c_sinkhorn_is_doubly_stochastic_and_finite(scale):
     """H_res from the C read side for logits of every size (u = r x w grows with w; b sets them outright): doubly
     stochastic, non-negative, the torch path's Sinkhorn of the same logits, and a finite gradient."""
-    from r1.model.hc import SINKHORN_ITERS, _FusedRead
+    from r1.model.hc import SINKHORN_ITERS
 
     n, D, N = 4, 16, 3000
     M = 2 * n + n * n
@@ -427,6 +429,14 @@ def test_the_build_is_cached_and_reused(tmp_path, monkeypatch):
 
 def test_an_unloadable_cache_file_warns_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("R1_CACHE", str(tmp_path))
-    monkeypatch.setattr(cext.subprocess, "run", lambda cmd, **k: Path(cmd[-1]).write_bytes(b"not a library"))
+    written = []
+
+    def fake_compiler(cmd, **k):  # writes its "library" where it was told to: under tmp_path, never the repository
+        out = Path(cmd[cmd.index("-o") + 1])
+        written.append(out)
+        out.write_bytes(b"not a library")
+
+    monkeypatch.setattr(cext.subprocess, "run", fake_compiler)
     with pytest.warns(UserWarning, match="loading .* failed"):
         assert cext.kernels.__wrapped__() is None
+    assert written and all(tmp_path in w.parents for w in written)

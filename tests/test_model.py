@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from _v3ref import hf_copy, randomize
 
-from r1.logprobs import full_logprobs, lm_loss, token_logprobs
+from r1.cpu import accelerate, intra_op_threads
+from r1.cpu.layers import CPUMLA, CPURMSNorm
+from r1.cpu.moe import CPUMoE
+from r1.logprobs import lm_loss, token_logprobs
 from r1.model.config import PRESETS, count_params, load_config
-from r1.model.model import MLA, LatentCache, MoE, Router, V3ForCausalLM, expert_load_metrics, update_router_biases
+from r1.model.model import LatentCache, MoE, Router, V3ForCausalLM, expert_load_metrics, update_router_biases
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -124,38 +127,43 @@ def test_fixed_router_counts_tokens_and_uses_chosen_experts():
         assert torch.allclose(y[0, t], ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("fold,dense,kernel", [(True, True, False), (False, False, False), (True, False, True)],
-                         ids=["fold-dense", "absorbed-gathered", "fold-c-kernel"])
-def test_latent_cache_decode_matches_full_forward(fold, dense, kernel, monkeypatch):
-    """Decoding with the folded MLA weights and the dense tiny-MoE path (the defaults for this size on two threads),
-    with neither (the absorbed bmm path and the gathered experts, as for a large model), and on one thread, where
-    the experts run in one C call (r1/model/moe_cpu.py)."""
-    from r1.model import cext
-    from r1.parallel import intra_op_threads
+@pytest.mark.parametrize("cpu,fold,dense,kernel", [(False, False, False, False), (True, True, True, False),
+                                                    (True, False, False, False), (True, True, False, True)],
+                         ids=["reference", "fold-dense", "absorbed-gathered", "fold-c-kernel"])
+def test_latent_cache_decode_matches_full_forward(cpu, fold, dense, kernel, monkeypatch):
+    """Decoding with the model's reference path (absorbed attention, sorted experts), and with the CPU layer
+    (r1.cpu.accelerate): the folded MLA weights and the dense tiny-MoE path (its defaults for this size on two
+    threads), neither (the absorbed bmm path and the gathered experts, as for a large model), and on one thread,
+    where the experts run in one C call (r1/cpu/moe.py); each against the reference model's full forward."""
+    from r1.cpu import cext
 
     if kernel and cext.kernels() is None:
         pytest.skip("no C compiler: the MoE decode kernel is not built")
     torch.manual_seed(3)
     m = randomize(V3ForCausalLM(tiny(rope_scaling=YARN))).eval()
+    with torch.no_grad():
+        ids = torch.randint(0, 256, (2, 12))
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :4] = 0
+        full = m.logits(ids, attention_mask=mask)
+    if cpu:
+        accelerate(m)
     if not fold:
-        monkeypatch.setattr(MLA, "_fold", lambda self: None)
+        monkeypatch.setattr(CPUMLA, "_fold", lambda self: None)
     if not dense:
-        monkeypatch.setattr(MoE, "DENSE_MAX_MACS", 0)
-    ids = torch.randint(0, 256, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :4] = 0
+        monkeypatch.setattr(CPUMoE, "DENSE_MAX_MACS", 0)
     cache = LatentCache(m.config, 2, 4, torch.float32, "cpu")  # small capacity: forces growth
     with torch.no_grad(), intra_op_threads(1 if kernel else 2):
         steps = [m.logits(ids[:, :8], attention_mask=mask[:, :8], cache=cache)[:, -1]]
         for t in range(8, 12):
             steps.append(m.logits(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache)[:, -1])
-        full = m.logits(ids, attention_mask=mask)
     for i, t in enumerate(range(7, 12)):
         assert (steps[i] - full[:, t]).abs().max() < 1e-4
     attn, moe = m.layers[-1].self_attn, m.layers[-1].mlp
-    assert (cache.derived(attn, attn._fold) is not None) == fold and isinstance(moe, MoE)
+    assert isinstance(moe, CPUMoE) == cpu and isinstance(attn, CPUMLA) == cpu
     built = {name for key, name in cache._derived if key == id(moe)}  # the MoE path each config took
-    assert built == ({"_decode_kernel"} if kernel else {"_dense"})
+    assert built == (set() if not cpu else {"_decode_kernel"} if kernel else {"_dense"})
+    assert ((id(attn), "_fold") in cache._derived and cache._derived[id(attn), "_fold"] is not None) == fold
     c = m.config
     assert cache.nbytes() == 12 * (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * 4
 
@@ -163,13 +171,13 @@ def test_latent_cache_decode_matches_full_forward(fold, dense, kernel, monkeypat
 def test_decode_folds_only_where_they_are_cheaper():
     """The folded query / output weights hold H (L + R) Q + D H L multiply-adds per token: refused where that
     is over twice the factors' (a wide latent, as in the full V3), as is the dense MoE above its budget."""
-    small, wide = MLA(tiny(), 0), MLA(tiny(kv_lora_rank=512), 0)
+    small, wide = CPUMLA(tiny(), 0), CPUMLA(tiny(kv_lora_rank=512), 0)
     assert small._fold() is not None and wide._fold() is None
     c = PRESETS["deepseek-v3"]
     H, C, R, L, V, Q, D = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank,
                            c.v_head_dim, c.q_lora_rank, c.hidden_size)
     assert H * (L + R) * Q + D * H * L > 2 * (H * (C + R) * Q + H * C * L + H * V * L + D * H * V)
-    moe = MoE(tiny()).eval()
+    moe = CPUMoE(tiny()).eval()
     gu, down, base = moe._dense()
     E, n_s = moe.c.n_routed_experts, moe.c.n_shared_experts
     assert gu.shape == ((E + n_s) * 2 * moe.c.moe_intermediate_size, moe.c.hidden_size)
@@ -182,7 +190,7 @@ def test_chunked_logprobs_equal_full_and_grads():
     w = torch.randn(50, 16, requires_grad=True)
     t = torch.randint(0, 50, (2, 7))
     lp, ent = token_logprobs(h, w, t, chunk=3, with_entropy=True)
-    ref = full_logprobs(h @ w.T, t)
+    ref = torch.log_softmax(h @ w.T, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(lp, ref, atol=1e-5)
     p = torch.softmax(h @ w.T, -1)
     assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-4)
@@ -225,7 +233,7 @@ def test_fused_head_gradients_with_entropy_and_temperature(chunk, temperature):
 def test_swiglu_backward_in_place(leaf):
     """The experts' SwiGLU writes its gradient into its input's buffer when that input is an intermediate:
     gradients equal autograd's through silu(gate) * up, and a leaf's data is never overwritten."""
-    from r1.model.model import swiglu
+    from r1.cpu.layers import swiglu
 
     torch.manual_seed(8)
     base = torch.randn(2, 6, 10, requires_grad=True)
@@ -241,10 +249,8 @@ def test_swiglu_backward_in_place(leaf):
 
 def test_rmsnorm_cpu_backward_equals_autograd():
     """The hand-written CPU RMSNorm backward against autograd through F.rms_norm (input and weight grads)."""
-    from r1.model.model import RMSNorm
-
     torch.manual_seed(9)
-    norm = RMSNorm(24, eps=1e-5)
+    norm = CPURMSNorm(24, eps=1e-5)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x = (torch.randn(3, 7, 24) * 3).requires_grad_()
@@ -279,23 +285,26 @@ def test_mtp_learns_copy_shift_task():
 
 
 def test_gathered_decode_experts_equal_the_sorted_path():
-    """Decoding a few tokens gathers each chosen expert's weights (no sort / count / scatter); the output must be
-    the sorted grouped path's, and above the size limit the sorted path runs."""
+    """Decoding a few tokens with the CPU layer gathers each chosen expert's weights (no sort / count / scatter); the
+    output must be the model's sorted grouped path's, and above the size limit the sorted path runs."""
+    from r1.cpu import moe as cpu_moe
+
     torch.manual_seed(10)
     moe = MoE(PRESETS["tiny"].replace(n_group=1, topk_group=1)).eval()
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(6, 1, moe.c.hidden_size)
     with torch.inference_mode():
+        ref = moe(x)[0]
+        accelerate(moe)
         x_ND = x.view(6, -1)
         w, idx, _ = moe.gate(x_ND)
-        assert moe.experts.gathered(x_ND, idx, w) is not None
+        assert cpu_moe.gathered(moe.experts, x_ND, idx, w) is not None
         fast = moe(x)[0]
-        limit, moe.experts.GATHER_MAX_BYTES = moe.experts.GATHER_MAX_BYTES, 0
-        assert moe.experts.gathered(x_ND, idx, w) is None
-        slow = moe(x)[0]
-        moe.experts.GATHER_MAX_BYTES = limit
-    assert torch.allclose(fast, slow, atol=1e-6)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_moe, "GATHER_MAX_BYTES", 0)
+        assert cpu_moe.gathered(moe.experts, x_ND, idx, w) is None
 
 
 def test_balancing_fixes_a_skewed_router():
@@ -376,13 +385,11 @@ def test_rmsnorm_paths_agree(monkeypatch):
     """The decode-sized CPU path (one fused norm, rsqrt(eps + |x|^2 / D)), torch's rms_norm above that size, and the
     training path's autograd Function give the same values (fp32 rounding); the small path runs only below its
     size limit and without gradients."""
-    from r1.model.model import RMSNorm
-
     calls = []
     vector_norm = torch.linalg.vector_norm
     monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: calls.append(a[0].shape) or vector_norm(*a, **k))
     torch.manual_seed(12)
-    norm = RMSNorm(48, eps=1e-6)
+    norm = CPURMSNorm(48, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_()
     for shape, small in (((16, 1, 48), True), ((4, 100, 48), False)):
@@ -400,10 +407,10 @@ def test_rmsnorm_paths_agree(monkeypatch):
 
 @pytest.mark.parametrize("n_shared", [1, 0])
 def test_moe_decode_kernel_equals_the_torch_experts(n_shared):
-    """The C decode kernel (r1/model/moe_cpu.py) against the MoE's own torch path, 1 to 64 tokens (a tile's
+    """The C decode kernel (r1/cpu/moe.py) against the MoE's own torch path, 1 to 64 tokens (a tile's
     partial rows, experts with no token), with and without a shared expert; refused where it does not apply."""
-    from r1.model import cext
-    from r1.model.moe_cpu import decode_kernel
+    from r1.cpu import cext
+    from r1.cpu.moe import decode_kernel
 
     if cext.kernels() is None:
         pytest.skip("no C compiler: the MoE decode kernel is not built")
@@ -421,3 +428,35 @@ def test_moe_decode_kernel_equals_the_torch_experts(n_shared):
         assert torch.allclose(got, ref, atol=1e-5), (N, (got - ref).abs().max())
     assert decode_kernel(MoE(tiny()).to(torch.bfloat16)) is None
     assert decode_kernel(MoE(tiny(hidden_size=60))) is None  # rows not a whole number of 8-float vectors
+
+
+@pytest.mark.parametrize("residual", ["standard", "mhc"])
+def test_cpu_layer_trains_as_the_reference(residual):
+    """r1.cpu.accelerate swaps modules by class and keeps every parameter (names, objects, ties): the accelerated
+    copy's training loss (MoE counts, balance loss, MTP) and every gradient equal the reference model's."""
+    import copy
+
+    from r1.cpu.hc import CPUHyperConnection
+
+    torch.manual_seed(11)
+    ref = randomize(V3ForCausalLM(tiny(residual=residual, num_nextn_predict_layers=1, seq_aux_loss_alpha=0.01)))
+    fast = accelerate(copy.deepcopy(ref))
+    names = {type(m).__name__ for m in fast.modules()}
+    assert {"CPURMSNorm", "CPUMLA", "CPUMoE", "CPUGroupedExperts"} <= names
+    assert any(isinstance(m, CPUHyperConnection) for m in fast.modules()) == (residual == "mhc")
+    assert [k for k, _ in fast.named_parameters()] == [k for k, _ in ref.named_parameters()]
+    ids = torch.randint(0, 256, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    losses = []
+    for m in (ref, fast):
+        loss, _ = lm_loss(m(ids, attention_mask=mask), m.lm_head.weight, ids, mask)
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    for (k, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), k
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), k
+    for a, b in zip(ref.moe_layers, fast.moe_layers, strict=True):
+        assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)

@@ -1,4 +1,4 @@
-"""r1.parallel.micro_batches: micro-batches side by side on worker threads give the gradients of running them one
+"""r1.cpu.micro_batches: micro-batches side by side on worker threads give the gradients of running them one
 at a time, bit for bit the same from run to run, on the threads and thread counts it says; an error leaves .grad
 as it was."""
 
@@ -8,15 +8,16 @@ import pytest
 import torch
 from _v3ref import randomize
 
+from r1.cpu import accelerate, intra_op_threads, micro_batches, update_workers
 from r1.model.config import PRESETS
 from r1.model.model import V3ForCausalLM
-from r1.parallel import intra_op_threads, micro_batches, update_workers
 from r1.trainer import sequence_logprobs
 
 
 def _setup(residual: str = "standard") -> tuple[V3ForCausalLM, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    m = randomize(V3ForCausalLM(PRESETS["tiny"].replace(residual=residual, hidden_size=64))).train()
+    # as a CPU run builds it: the CPU layer's MoE counts experts under a lock
+    m = accelerate(randomize(V3ForCausalLM(PRESETS["tiny"].replace(residual=residual, hidden_size=64)))).train()
     ids = torch.randint(3, 256, (20, 12))  # 5 micro-batches of 4 rows (an odd count: thread 0 takes three)
     mask = torch.ones_like(ids)
     mask[3, 9:] = 0

@@ -7,6 +7,7 @@ import torch
 from _v3ref import randomize
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from r1.cpu import CPUTorchEngine, accelerate_engine
 from r1.logprobs import token_logprobs
 from r1.model import PRESETS, V3ForCausalLM
 from r1.model.hf import hf_state_dict
@@ -45,10 +46,22 @@ def model() -> V3ForCausalLM:
     return tiny()
 
 
-def test_greedy_equals_stepwise_argmax_without_cache(model):
+@pytest.mark.parametrize("cpu", [False, True], ids=["reference", "cpu-layer"])
+def test_greedy_equals_stepwise_argmax_without_cache(model, cpu):
+    """The engine on the reference model, and the CPU layer's engine on the accelerated model (decode shortcuts,
+    one-thread steps, the decode worker), against greedy by brute force on the reference model."""
+    import copy
+
+    from r1.cpu import accelerate
+
     ps = prompts()
-    engine = TorchEngine(model, eos_token_id=2)
-    out = engine.generate(ps, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    engine = TorchEngine(model, eos_token_id=2) if not cpu else \
+        CPUTorchEngine(accelerate(copy.deepcopy(model)), eos_token_id=2, processes=2)
+    try:
+        out = engine.generate(ps, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    finally:
+        if cpu:
+            engine.close()
     for p, r in zip(ps, out, strict=True):
         assert r.token_ids == argmax_reference(model, p, 64)
         assert r.finish_reason == "length" and len(r.logprobs) == 64
@@ -154,6 +167,7 @@ def test_same_seed_same_samples_and_restores_train_mode(model):
 def test_tiny_decode_steps_run_on_one_thread(model, monkeypatch):
     """Below ONE_THREAD_DECODE_MACS a step the decode loop runs single-threaded (the prefill does not), above it
     on every thread; the caller's thread count comes back either way, an exception included."""
+    from r1.cpu import engine as cpu_engine
     from rollouts import torch_engine
 
     seen: list[tuple[str, int]] = []
@@ -161,19 +175,19 @@ def test_tiny_decode_steps_run_on_one_thread(model, monkeypatch):
         orig = getattr(torch_engine.V3Stepper, phase)
         monkeypatch.setattr(torch_engine.V3Stepper, phase, lambda self, *a, _o=orig, _p=phase, **k: (
             seen.append((_p, torch.get_num_threads())), _o(self, *a, **k))[1])
-    engine = make_engine("torch", model=model.eval(), tokenizer=load_tokenizer())
+    engine = accelerate_engine(make_engine("torch", model=model.eval(), tokenizer=load_tokenizer()))
     ps, sp = prompts(), SamplingParams(max_tokens=4, ignore_eos=True)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert len(ps) * engine.macs_per_token <= torch_engine.ONE_THREAD_DECODE_MACS
+        assert len(ps) * engine.macs_per_token <= cpu_engine.ONE_THREAD_DECODE_MACS
         engine.generate(ps, sp)
         assert seen[0] == ("prefill", 2) and {t for p, t in seen[1:]} == {1} and torch.get_num_threads() == 2
         seen.clear()
-        monkeypatch.setattr(torch_engine, "ONE_THREAD_DECODE_MACS", 0)
+        monkeypatch.setattr(cpu_engine, "ONE_THREAD_DECODE_MACS", 0)
         engine.generate(ps, sp)
         assert {t for _, t in seen} == {2}
-        monkeypatch.setattr(torch_engine, "ONE_THREAD_DECODE_MACS", 1 << 40)
+        monkeypatch.setattr(cpu_engine, "ONE_THREAD_DECODE_MACS", 1 << 40)
         monkeypatch.setattr(torch_engine.V3Stepper, "decode", lambda *a, **k: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             engine.generate(ps, sp)
@@ -192,7 +206,7 @@ def test_split_call_samples_as_one_process():
     ps = prompts(lens=(5, 11, 17, 8, 3))
     # stops: EOS, and any digit (a stop string, matched on the decoded text: the worker needs the tokenizer)
     sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=7, stop=tuple("0123456789"))
-    one, two = TorchEngine(m, tok, eos_token_id=7, processes=1), TorchEngine(m, tok, eos_token_id=7, processes=2)
+    one, two = TorchEngine(m, tok, eos_token_id=7), CPUTorchEngine(m, tok, eos_token_id=7, processes=2)
 
     def same(a: list[Rollout], b: list[Rollout]) -> bool:
         assert [r.prompt_index for r in a] == [r.prompt_index for r in b]
@@ -221,11 +235,11 @@ def test_decode_worker_errors_are_raised_here_and_it_restarts():
     """A failure inside the worker comes back as one error naming it, the engine stays usable; a killed worker is
     replaced at the next call, one killed during a call has its half decoded here; sleep() stops it; a worker that
     cannot start turns splitting off with a warning."""
-    from rollouts import torch_engine
-    from rollouts.decode_worker import DecodeWorker
+    from r1.cpu import engine as cpu_engine
+    from r1.cpu.decode_worker import DecodeWorker
 
     m = tiny(seed=4)
-    engine = TorchEngine(m, eos_token_id=2, processes=2)
+    engine = CPUTorchEngine(m, eos_token_id=2, processes=2)
     sp = SamplingParams(max_tokens=6, seed=1)
     ps = prompts(lens=(4, 6))
     try:
@@ -255,7 +269,7 @@ def test_decode_worker_errors_are_raised_here_and_it_restarts():
         assert [r.token_ids for r in again] == [r.token_ids for r in good] and engine._worker is None
         # a worker that cannot start: a warning, and this engine decodes in one process from then on
         with pytest.MonkeyPatch.context() as mp_:
-            mp_.setattr(torch_engine, "DecodeWorker", lambda *a, **k: (_ for _ in ()).throw(OSError("no shm")))
+            mp_.setattr(cpu_engine, "DecodeWorker", lambda *a, **k: (_ for _ in ()).throw(OSError("no shm")))
             with pytest.warns(UserWarning, match="did not start"):
                 again = engine.generate(ps, sp, n=2)
         assert [r.token_ids for r in again] == [r.token_ids for r in good] and engine.processes == 1

@@ -6,16 +6,14 @@ Architecture choices, top to bottom:
   RoPE (with YaRN) only on the rope dims; softmax scale qk_head_dim^-0.5 * mscale^2.
   Training/prefill expand K and V and call F.scaled_dot_product_attention. With a `LatentCache` the
   cache holds only c_kv and k_pe; decoding absorbs W_kvb into the query and the output, so attention
-  runs over (kv_lora_rank + rope) features per cached token, shared by all heads (plain bmm calls); for
-  small models the cache also holds W_kvb folded into W_qb and W_o. A `SharedPrefix` runs prompts shared
-  by several sequences once (GRPO's groups) and attends the sequences to their prompt's latent rows.
+  runs over (kv_lora_rank + rope) features per cached token, shared by all heads (plain bmm calls).
+  A `SharedPrefix` runs prompts shared by several sequences once (GRPO's groups) and attends the
+  sequences to their prompt's latent rows.
 - MoE: fp32 sigmoid router; experts chosen by score + e_score_correction_bias, group-limited
   (group score = sum of its top-2, masked groups filled with -inf as DeepSeek's own code does);
   gate weights from the unbiased scores, normalised over the chosen k, times routed_scaling_factor.
   Tokens are sorted by expert and each expert runs on its contiguous slice (torch._grouped_mm where
-  available; two padded bmm calls when every expert has only a few rows; in decoding a tiny MoE runs
-  every expert in two GEMMs, a small one gathers the chosen experts' weights). No token dropping.
-  Shared experts always on; the first first_k_dense_replace layers dense.
+  available). No token dropping. Shared experts always on; the first first_k_dense_replace layers dense.
 - Auxiliary-loss-free balancing: every MoE counts tokens per expert in the forward pass;
   `update_router_biases` (called once per optimizer step) moves b += gamma * sign(mean - load).
   Optional sequence-wise balance loss (alpha) is returned as `aux_loss`.
@@ -23,16 +21,15 @@ Architecture choices, top to bottom:
   modules sit at HF layer index num_hidden_layers + k with enorm / hnorm / eh_proj / shared_head.
 - Residual: standard pre-norm; hc / mhc (hyper-connections) widen the stream to n copies (r1/model/hc.py).
 Simplifications: no dropout, no KV-head grouping (MLA has num_key_value_heads == num_attention_heads).
-FP8, parallelism and checkpoint I/O live outside this file and swap modules from outside.
+This file holds one reference path per op. Speed layers swap modules from outside it: FP8 (r1/fp8.py),
+parallelism (r1/parallel.py) and the CPU layer (r1/cpu: C kernels, oneDNN GEMMs, decode shortcuts).
 
 Shape legend: B batch, T query length, S key length, D hidden, H heads, C qk_nope dim, R rope dim,
-V v dim, L kv_lora_rank, N tokens (B*T), E routed experts, K experts per token, I expert width,
-Y the query's first part per head (C, or L once W_kvb is folded in).
+V v dim, L kv_lora_rank, N tokens (B*T), E routed experts, K experts per token, I expert width.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,47 +48,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    # decode-sized CPU inputs (elements): torch's CPU rms_norm is a composite of ~10 dispatches, its scalar
-    # operands each made a tensor; one fused norm, an addcmul and in-place ops take 5-7 us there instead of 8-10
-    SMALL_CPU = 1 << 14
-
     def forward(self, x: Tensor) -> Tensor:
-        # In fp32 for stability, cast back before the weight (as transformers and DeepSeek do). F.rms_norm
-        # is the same x * rsqrt(mean(x^2) + eps) * w in one call (decoding is bound by the number of ops).
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return _RMSNormCPU.apply(x, self.weight, self.eps)
-            if x.device.type == "cpu" and x.numel() <= self.SMALL_CPU:  # rsqrt(eps + |x|^2 / D): equal to 2e-7
-                n = torch.linalg.vector_norm(x, 2, -1, keepdim=True)
-                return (x * torch.addcmul(n.new_full((), self.eps), n, n, value=1.0 / x.shape[-1]).rsqrt_()).mul_(
-                    self.weight)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # in fp32 for stability, cast back before the weight (as transformers and DeepSeek do)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-class _RMSNormCPU(torch.autograd.Function):
-    """y = x r w, r = rsqrt(mean(x^2) + eps), with the backward in 5 passes (CPU torch has no fused RMSNorm
-    backward; autograd's composite one takes ~20 ops, 1.5x the time):
-        dx = r (g w) - x r^3 <g w, x> / D,    dw = sum_rows g x r"""
-
-    @staticmethod
-    def forward(ctx: object, x: Tensor, w: Tensor, eps: float) -> Tensor:
-        y, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)
-        ctx.save_for_backward(x, w, r)
-        return y
-
-    @staticmethod
-    def backward(ctx: object, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, w, r = ctx.saved_tensors
-        D, (need_x, need_w) = x.shape[-1], ctx.needs_input_grad[:2]
-        dx = dw = None
-        if need_x:
-            gw = g * w
-            coef = r.pow(3).mul_(torch.linalg.vecdot(gw, x).unsqueeze(-1)).div_(-D)
-            dx = gw.mul_(r).addcmul_(x, coef)
-        if need_w:
-            dw = torch.linalg.vecdot((g * x).reshape(-1, D), r.reshape(-1, 1), dim=0)
-        return dx, dw, None
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -154,7 +113,7 @@ class LatentCache:
         self._derived: dict[int, object] = {}
 
     def derived(self, owner: nn.Module, build: Callable[[], object]) -> object:
-        """build() once per owning module and builder for this cache's lifetime (folded decode weights, or None)."""
+        """build() once per owning module and builder for this cache's lifetime (the CPU layer's decode weights)."""
         key = (id(owner), build.__name__)
         if key not in self._derived:
             with torch.no_grad():
@@ -261,11 +220,9 @@ class MLA(nn.Module):
         c = self.c
         B, T, _ = x_BTD.shape
         H, R, L = c.num_attention_heads, c.qk_rope_head_dim, c.kv_lora_rank
-        # decoding after a prefill: W_kvb may be folded into the query and output projections (`_fold`)
-        fold = cache.derived(self, self._fold) if cache is not None and cache.length else None
         q_in = x_BTD if c.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_BTD))
-        q = (self.q_proj if c.q_lora_rank is None else self.q_b_proj)(q_in) if fold is None else F.linear(q_in, fold[0])
-        # per head: [q_nope (C), q_pe (R)], or with the fold [q_lat (L), q_pe (R)], both already scaled
+        q = self.query(q_in, cache)
+        # per head: [q_nope (C), q_pe (R)] (the CPU layer's folded weights give [q_lat (L), q_pe (R)])
         q_first_BTHY, q_pe_BTHR = q.view(B, T, H, -1).split([q.shape[-1] // H - R, R], dim=-1)
         ckv_BTL, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([L, R], dim=-1)
         ckv_BTL = self.kv_a_layernorm(ckv_BTL)
@@ -279,34 +236,14 @@ class MLA(nn.Module):
             # small cache), for a shared prefix where a latent row is no wider than a head's key and value
             C, V = c.qk_nope_head_dim, c.v_head_dim
             if kv_BSX.shape[1] > T and (cache.decoding or 2 * L + R <= C + R + V):
-                return self._absorbed(q_first_BTHY, q_pe_BTHR, kv_BSX, mask, fold)
+                return self._absorbed(q_first_BTHY, q_pe_BTHR, kv_BSX, mask, cache)
             ckv_BTL, k_pe_BTR = kv_BSX.split([L, R], dim=-1)  # (a shared prefix's rows, then the T new ones)
         # training, or a prefill into an empty cache (T queries x T keys: expanding is cheaper there)
         return self.o_proj(self._expanded(q_first_BTHY, q_pe_BTHR, ckv_BTL, k_pe_BTR, mask))
 
-    def _fold(self) -> tuple[Tensor, Tensor] | None:
-        """W_kvb folded into the last query projection and o_proj, for decoding (one GEMM each instead of a
-        GEMM plus a per-head bmm and its reshapes: small models are bound by the number of ops):
-            W_q' = per head [scale W_uk^T W_q_nope ; scale W_q_pe]  [H (L + R), q_in],
-            W_o' = [W_o,h W_uv,h for each head h]                   [D, H L].
-        None where the products hold over twice the multiply-adds of the factors (the full V3: 3.4x), or a
-        module is not an exact full-precision linear (FP8 rollouts keep training's numerics)."""
-        c = self.c
-        H, C, R, L, V = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
-        q_last = self.q_proj if c.q_lora_rank is None else self.q_b_proj
-        if not all(isinstance(m, nn.Linear) and getattr(m, "full_precision", True) and m.bias is None
-                   for m in (q_last, self.kv_b_proj)) or not isinstance(self.o_proj, nn.Linear) \
-                or not getattr(self.o_proj, "full_precision", True):
-            return None
-        Q, D = q_last.in_features, c.hidden_size
-        if H * (L + R) * Q + D * H * L > 2 * (H * (C + R) * Q + H * C * L + H * V * L + D * H * V):
-            return None
-        w_HXL = self.kv_b_proj.weight.view(H, C + V, L).float()
-        wq_HYQ = q_last.weight.view(H, C + R, Q).float()
-        wq = torch.cat([w_HXL[:, :C].transpose(1, 2) @ wq_HYQ[:, :C], wq_HYQ[:, C:]], dim=1) * self.scale
-        wo_HDL = self.o_proj.weight.view(D, H, V).float().transpose(0, 1) @ w_HXL[:, C:]
-        dt = q_last.weight.dtype
-        return wq.reshape(H * (L + R), Q).to(dt), wo_HDL.transpose(0, 1).reshape(D, H * L).to(dt)
+    def query(self, q_in: Tensor, cache: Cache | None) -> Tensor:
+        """The last query projection (the cache lets a subclass use weights derived for decoding)."""
+        return (self.q_proj if self.c.q_lora_rank is None else self.q_b_proj)(q_in)
 
     def _expanded(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, ckv_BSL: Tensor, k_pe_BSR: Tensor,
                   mask: Tensor | None) -> Tensor:
@@ -324,30 +261,31 @@ class MLA(nn.Module):
                                                 is_causal=mask is None, scale=self.scale)[..., :V]
         return o_BHTV.transpose(1, 2).reshape(B, T, H * V)
 
-    def _absorbed(self, q_first_BTHY: Tensor, q_pe_BTHR: Tensor, kv_BSX: Tensor, mask: Tensor,
-                  fold: tuple[Tensor, Tensor] | None) -> Tensor:
-        """Attention in latent space over the cached [c_kv, k_pe] rows -> [B, T, D]: W_kvb is absorbed
-        into the query (W_uk) and the output (W_uv), here or already in the folded weights. Every head reads
-        the same cached rows, so the H heads (times T queries) are rows of one [B, T*H, L+R] x [B, L+R, S]
-        product: plain batched matmuls, no per-head copy of the cache."""
-        B, T, H, _ = q_first_BTHY.shape
-        C, R, V, L, S, N = self.c.qk_nope_head_dim, q_pe_BTHR.shape[-1], self.c.v_head_dim, self.c.kv_lora_rank, \
-            kv_BSX.shape[1], B * T
+    def _absorbed(self, q_nope_BTHC: Tensor, q_pe_BTHR: Tensor, kv_BSX: Tensor, mask: Tensor,
+                  cache: Cache) -> Tensor:
+        """Attention in latent space over the cached [c_kv, k_pe] rows -> [B, T, D]: W_kvb's key half is absorbed
+        into the query (W_uk) and its value half into the output (W_uv)."""
+        B, T, H, C = q_nope_BTHC.shape
+        V, L, N = self.c.v_head_dim, self.c.kv_lora_rank, B * T
         w_HXL = self.kv_b_proj.weight.view(H, C + V, L)
-        if fold is None:
-            q_lat_NHL = torch.bmm(q_first_BTHY.reshape(N, H, C).transpose(0, 1), w_HXL[:, :C]).transpose(0, 1)
-        else:
-            q_lat_NHL = q_first_BTHY.reshape(N, H, L)
-        q_BMX = torch.cat([q_lat_NHL, q_pe_BTHR.reshape(N, H, R)], dim=-1).view(B, T * H, L + R)
-        # the additive mask [B, 1, T, S] -> [B, T*H, S] (a broadcast view when T == 1)
-        bias_BMS = mask.transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
-        p_BMS = torch.baddbmm(bias_BMS, q_BMX, kv_BSX.transpose(1, 2), alpha=1.0 if fold else self.scale)
-        p_BMS = p_BMS.softmax(-1, dtype=torch.float32).to(q_BMX.dtype)
-        o_lat_BTHL = torch.bmm(p_BMS, kv_BSX[..., :L]).view(B, T, H * L)
-        if fold is not None:
-            return F.linear(o_lat_BTHL, fold[1], self.o_proj.bias)
+        q_lat_NHL = torch.bmm(q_nope_BTHC.reshape(N, H, C).transpose(0, 1), w_HXL[:, :C]).transpose(0, 1)
+        o_lat_BTHL = self.latent_attention(q_lat_NHL, q_pe_BTHR, kv_BSX, mask, self.scale)
         o_HNV = torch.bmm(o_lat_BTHL.view(N, H, L).transpose(0, 1), w_HXL[:, C:].transpose(1, 2))
         return self.o_proj(o_HNV.transpose(0, 1).reshape(B, T, H * V))
+
+    @staticmethod
+    def latent_attention(q_lat_NHL: Tensor, q_pe_BTHR: Tensor, kv_BSX: Tensor, mask: Tensor, scale: float) -> Tensor:
+        """softmax(scale [q_lat, q_pe] [c_kv, k_pe]^T + mask) c_kv -> [B, T, H L]. Every head reads the same cached
+        rows, so the H heads (times T queries) are rows of one [B, T*H, L+R] x [B, L+R, S] product: plain batched
+        matmuls, no per-head copy of the cache."""
+        B, T, H, R = q_pe_BTHR.shape
+        S, L = kv_BSX.shape[1], q_lat_NHL.shape[-1]
+        q_BMX = torch.cat([q_lat_NHL, q_pe_BTHR.reshape(B * T, H, R)], dim=-1).view(B, T * H, L + R)
+        # the additive mask [B, 1, T, S] -> [B, T*H, S] (a broadcast view when T == 1)
+        bias_BMS = mask.transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
+        p_BMS = torch.baddbmm(bias_BMS, q_BMX, kv_BSX.transpose(1, 2), alpha=scale)
+        p_BMS = p_BMS.softmax(-1, dtype=torch.float32).to(q_BMX.dtype)
+        return torch.bmm(p_BMS, kv_BSX[..., :L]).view(B, T, H * L)
 
 
 # ---------------------------------------------------------------------------------------------- MLP / MoE
@@ -362,39 +300,8 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up on the two halves of one [N, 2I] tensor. Backward keeps only the input and writes both
-    halves' gradients into that input's own buffer (dead once backward has read it): no fresh [N, 2I] tensor
-    (autograd's chunk backward would cat the halves; a new 2I-wide buffer per MoE layer costs page faults on
-    CPU), silu(gate) recomputed. Forward and backward each write one fresh [N, I] tensor, the rest in place:
-    on CPU a fresh 16 MiB tensor costs more in page faults than the arithmetic on it. A second backward
-    through the same graph raises autograd's in-place error."""
-
-    @staticmethod
-    def forward(ctx: object, gu_NY: Tensor) -> Tensor:
-        gate, up = gu_NY.chunk(2, dim=-1)
-        ctx.save_for_backward(gu_NY)
-        ctx.reuse = gu_NY.grad_fn is not None  # an intermediate (expert GEMM output), never a leaf's data
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx: object, g_NI: Tensor) -> Tensor:
-        (gu_NY,) = ctx.saved_tensors
-        gate, up = gu_NY.chunk(2, dim=-1)
-        I = gate.shape[-1]
-        grad_NY = gu_NY if ctx.reuse else torch.empty_like(gu_NY)
-        d_gate = g_NI * up  # then d/dgate = g * up * silu'(gate), in place
-        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
-        # d/dup = g * silu(gate), written over up (read above); then d/dgate over gate (read just now)
-        torch.ops.aten.silu.out(gate, out=grad_NY[..., I:]).mul_(g_NI)
-        grad_NY[..., :I].copy_(d_gate)
-        return grad_NY
-
-
 def swiglu(gu_NY: Tensor) -> Tensor:
     """silu(gate) * up for gate|up stored side by side (the experts' fused gate_up projection)."""
-    if torch.is_grad_enabled() and gu_NY.requires_grad:
-        return _SwiGLU.apply(gu_NY)
     gate, up = gu_NY.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -449,54 +356,9 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x_NX.new_zeros(0, w_EYX.shape[1])
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
-        Ns, E = x_NsD.shape[0], counts_E.shape[0]
-        # few rows per expert (decoding) on CPU, where grouped_mm runs one small GEMM per expert
-        if 0 < Ns <= 16 * E and x_NsD.device.type == "cpu":
-            cap = int(counts_E.max())
-            if E * cap <= 2 * Ns:
-                return self.padded(x_NsD, counts_E, cap)
         offs_E = counts_E.cumsum(0).to(torch.int32)
         h_NsI = swiglu(self.grouped_mm(x_NsD, self.gate_up_proj, counts_E, offs_E))
         return self.grouped_mm(h_NsI, self.down_proj, counts_E, offs_E)
-
-    # gathering each (token, expert) pair's weights pays off only while they stay cache-sized
-    GATHER_MAX_BYTES = 1 << 20
-    # False where the forward quantises (r1/fp8.py): decode shortcuts would sample from other numerics
-    full_precision = True
-
-    def gathered(self, x_ND: Tensor, idx_NK: Tensor, w_NK: Tensor) -> Tensor | None:
-        """sum_k w_nk SwiGLU_{idx_nk}(x_n) for a handful of tokens (decoding a small batch on CPU): each pair's
-        expert weights are gathered and applied as batched matrix-vector products, with no sort, count or
-        scatter (those ~10 ops cost more than the GEMVs here). None when the gathered weights would exceed
-        GATHER_MAX_BYTES: then the sorted path is cheaper."""
-        N, K = idx_NK.shape
-        E, Y, D = self.gate_up_proj.shape
-        if x_ND.device.type != "cpu" or not self.full_precision or \
-                N * K * 3 * (Y // 2) * D * x_ND.element_size() > self.GATHER_MAX_BYTES:
-            return None
-        flat = idx_NK.flatten()
-        # row vectors times transposed weights: bmm's fast path (a [., D, 1] column form runs ~6x slower)
-        x_P1D = x_ND.unsqueeze(1).expand(N, K, D).reshape(N * K, 1, D)
-        h_P1I = swiglu(torch.bmm(x_P1D, self.gate_up_proj.index_select(0, flat).transpose(1, 2)))
-        y_NKD = torch.bmm(h_P1I, self.down_proj.index_select(0, flat).transpose(1, 2)).view(N, K, D)
-        return torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
-
-    def padded(self, x_NsD: Tensor, counts_E: Tensor, cap: int) -> Tensor:
-        """The same SwiGLU with each expert's rows padded to `cap` and two batched matmuls [E, cap, .].
-        With a handful of rows per expert grouped_mm's E small GEMMs are bound by per-call overhead
-        (and, multi-threaded, by one parallel region each); two bmm calls are cheaper while the padding
-        at most doubles the rows."""
-        E, Ns = counts_E.shape[0], x_NsD.shape[0]
-        expert_Ns = torch.repeat_interleave(torch.arange(E, device=x_NsD.device), counts_E, output_size=Ns)
-        start_E = counts_E.cumsum(0) - counts_E
-        row_Ns = expert_Ns * cap + torch.arange(Ns, device=x_NsD.device) - start_E[expert_Ns]
-        x_ECD = x_NsD.new_zeros(E * cap, x_NsD.shape[1]).index_copy_(0, row_Ns, x_NsD).view(E, cap, -1)
-        h_ECI = swiglu(torch.bmm(x_ECD, self.gate_up_proj.transpose(1, 2)))
-        y_ECD = torch.bmm(h_ECI, self.down_proj.transpose(1, 2))
-        return y_ECD.view(E * cap, -1).index_select(0, row_Ns)
-
-
-_COUNT_LOCK = threading.Lock()
 
 
 class MoE(nn.Module):
@@ -510,9 +372,6 @@ class MoE(nn.Module):
         # tokens routed to each expert since the last bias update (auxiliary-loss-free balancing)
         self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts), persistent=False)
 
-    # decoding runs every expert on every token while that costs at most this many multiply-adds
-    DENSE_MAX_MACS = 1 << 23
-
     def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None,
                 cache: Cache | None = None) -> tuple[Tensor, Tensor | None]:
         """-> (y, sequence-wise balance loss; None when it is off or in eval)."""
@@ -520,78 +379,33 @@ class MoE(nn.Module):
         K, E = self.c.num_experts_per_tok, self.c.n_routed_experts
         x_ND = x_BTD.reshape(-1, D)
         w_NK, idx_NK, scores_NE = self.gate(x_ND)
-        # decoding on one CPU thread: the experts in one C call (r1/model/moe_cpu.py), where it applies
-        if not self.training and cache is not None and torch.get_num_threads() == 1 and x_ND.device.type == "cpu" \
-                and (kernel := cache.derived(self, self._decode_kernel)) is not None:
-            return kernel(x_ND, w_NK, idx_NK).view(B, T, D), None
-        if not self.training and cache is not None and (dense := cache.derived(self, self._dense)) is not None \
-                and x_ND.shape[0] * dense[0].numel() * 3 // 2 <= self.DENSE_MAX_MACS:
-            return self._decode_dense(x_ND, w_NK, idx_NK, *dense).view(B, T, D), None
-        if not self.training and (y_ND := self.experts.gathered(x_ND, idx_NK, w_NK)) is not None:
-            if self.shared_experts is not None:
-                y_ND = y_ND + self.shared_experts(x_ND)
-            return y_ND.view(B, T, D), None
-        # Sort the N*K (token, expert) pairs by expert so each expert sees one contiguous slice.
-        flat_idx = idx_NK.flatten()
-        order = flat_idx.argsort(stable=True)
-        counts_E = torch.bincount(flat_idx, minlength=E)
-        token_of = order // K
-        y_sorted = self.experts(x_ND.index_select(0, token_of), counts_E)  # (x[idx]'s backward is ~3x slower)
-        y_sorted = y_sorted * w_NK.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
-        # the routed outputs are summed into the shared experts' output (no zero tensor, no extra add)
-        y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
-        y_ND = y_ND.index_add_(0, token_of, y_sorted.to(x_ND.dtype))
+        y_ND = self.experts_sum(x_ND, w_NK, idx_NK, cache)
         aux = None
         if self.training:
-            with torch.no_grad():  # padding tokens do not count toward the load (weights: see forward's `valid`)
-                v = valid_BT.reshape(-1, 1).expand(-1, K).flatten().float() if valid_BT is not None else None
-                counts_E = torch.bincount(flat_idx, weights=v, minlength=E)
-                with _COUNT_LOCK:  # micro-batches may run on two threads (r1.parallel.micro_batches)
-                    self.tokens_per_expert += counts_E
+            self.count_tokens(idx_NK, valid_BT)
             if self.c.seq_aux_loss_alpha > 0:
                 aux = self.seq_aux_loss(scores_NE.view(B, T, E), idx_NK.view(B, T, K), valid_BT)
         return y_ND.view(B, T, D), aux
 
-    def _decode_kernel(self) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
-        from r1.model.moe_cpu import decode_kernel
+    def experts_sum(self, x_ND: Tensor, w_NK: Tensor, idx_NK: Tensor, cache: Cache | None) -> Tensor:
+        """shared(x_n) + sum_k w_nk expert_{idx_nk}(x_n): the N*K (token, expert) pairs sorted by expert, so that
+        each expert sees one contiguous slice. (The cache lets a subclass use weights derived for decoding.)"""
+        K, E = idx_NK.shape[1], self.c.n_routed_experts
+        flat_idx = idx_NK.flatten()
+        order = flat_idx.argsort(stable=True)
+        token_of = order // K
+        y_sorted = self.experts(x_ND.index_select(0, token_of), torch.bincount(flat_idx, minlength=E))
+        y_sorted = y_sorted * w_NK.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
+        # the routed outputs are summed into the shared experts' output (no zero tensor, no extra add)
+        y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
+        return y_ND.index_add_(0, token_of, y_sorted.to(x_ND.dtype))
 
-        return decode_kernel(self)
-
-    def _dense(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Every expert as one pair of matrices, for decoding a tiny model: gate|up of all E routed experts
-        then of the shared ones (cut into expert-sized pieces: SwiGLU is a sum over its hidden units)
-        [(E + n_s) 2I, D], the down projections side by side [D, (E + n_s) I], and the gate weights the
-        shared pieces always get (1) [E + n_s]. Then a decode step is 2 GEMMs, a SwiGLU and a scatter of
-        the router's weights: 6 ops for what the routed paths do in ~20. None for FP8 experts."""
-        ex, sh = self.experts, self.shared_experts
-        E, Y, D = ex.gate_up_proj.shape
-        I = Y // 2
-        mods = [ex] + ([] if sh is None else [sh.gate_proj, sh.up_proj, sh.down_proj])
-        if not all(getattr(m, "full_precision", True) for m in mods):
-            return None
-        if sh is not None and sh.gate_proj.out_features % I:  # shared width not a whole number of experts
-            return None
-        gu, down = [ex.gate_up_proj.reshape(E * Y, D)], [ex.down_proj.transpose(0, 1).reshape(D, E * I)]
-        n_s = 0
-        if sh is not None:
-            n_s = sh.gate_proj.out_features // I
-            gate_up = torch.cat([sh.gate_proj.weight.view(n_s, I, D), sh.up_proj.weight.view(n_s, I, D)], dim=1)
-            gu.append(gate_up.view(-1, D))
-            down.append(sh.down_proj.weight)
-        base = torch.cat([torch.zeros(E), torch.ones(n_s)]).to(device=gu[0].device, dtype=torch.float32)
-        return torch.cat(gu), torch.cat(down, dim=1), base
-
-    @staticmethod
-    def _decode_dense(x_ND: Tensor, w_NK: Tensor, idx_NK: Tensor, gu_YD: Tensor, down_DZ: Tensor,
-                      base_X: Tensor) -> Tensor:
-        """sum_k w_nk SwiGLU_{idx_nk}(x_n) + shared(x_n) with the weights of `_dense` (X = E + n_s experts):
-        the experts a token did not choose get gate weight 0."""
-        N, X = x_ND.shape[0], base_X.shape[0]
-        gu_NXY = F.linear(x_ND, gu_YD).view(N, X, -1)
-        gate_NXI, up_NXI = gu_NXY.chunk(2, dim=-1)
-        g_NX = base_X.expand(N, X).scatter(1, idx_NK, w_NK).to(x_ND.dtype)
-        h_NXI = F.silu(gate_NXI).mul_(up_NXI).mul_(g_NX.unsqueeze(-1))
-        return F.linear(h_NXI.view(N, -1), down_DZ)
+    @torch.no_grad()
+    def count_tokens(self, idx_NK: Tensor, valid_BT: Tensor | None) -> None:
+        """Add this batch's tokens per expert to tokens_per_expert; padding does not count (`valid`: see forward)."""
+        K = idx_NK.shape[1]
+        v = valid_BT.reshape(-1, 1).expand(-1, K).flatten().float() if valid_BT is not None else None
+        self.tokens_per_expert += torch.bincount(idx_NK.flatten(), weights=v, minlength=self.c.n_routed_experts)
 
     def seq_aux_loss(self, scores_BTE: Tensor, idx_BTK: Tensor, valid_BT: Tensor | None) -> Tensor:
         """V3's sequence-wise balance loss: alpha * sum_i f_i P_i per sequence, averaged over sequences,

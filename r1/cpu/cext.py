@@ -1,4 +1,4 @@
-"""Build and load r1's small C kernels (r1/model/hc_kernels.c, moe_kernels.c) with the system C compiler, through
+"""Build and load r1's small C kernels (r1/cpu/hc_kernels.c, moe_kernels.c) with the system C compiler, through
 ctypes.
 
 Why C and ctypes: the kernels are plain loops over fp32 arrays (no torch headers), so `cc -O3 -march=native

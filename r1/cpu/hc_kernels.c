@@ -1,4 +1,4 @@
-/* Fused CPU kernels for hyper-connections (r1/model/hc.py; built and loaded by r1/model/cext.py).
+/* Fused CPU kernels for hyper-connections (r1/cpu/hc.py; built and loaded by r1/cpu/cext.py).
 
 Why: around each sub-block HC reads the n-times-wider stream tensor x [N, n, D] to form its maps H (an RMSNorm and a
 rank-M projection, M = 2n + n^2, then sigmoids and Sinkhorn per token) and to mix it (H_pre x, H_res x), and the
@@ -296,7 +296,7 @@ INLINE void maps_bwd_token(const float *restrict pre, const float *restrict post
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
-   The read side, forward (r1/model/hc.py, _FusedRead), per token t:
+   The read side, forward (r1/cpu/hc.py, _FusedRead), per token t:
      r = rsqrt(sum_k x[t,k]^2 / X + eps),  u = r x[t] w,  z = b + a u (HC: b + a tanh u),  (pre, post, res) = maps(z)
      h[t] = sum_i pre[t,i] x[t,i]   (H_res x is formed by hc_combine, with the write-back)                         */
 

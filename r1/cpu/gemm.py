@@ -1,4 +1,4 @@
-"""fp32 GEMMs on the CPU through oneDNN instead of MKL (kernels; r1/cpu_gemm.py applies them to a model).
+"""fp32 GEMMs on the CPU through oneDNN instead of MKL, and OneDNNLinear, the nn.Linear that runs on them.
 
 Why: torch sends an fp32 CPU matmul to MKL's sgemm, and MKL on a non-Intel x86 processor runs its AVX2
 kernels even where the CPU has AVX-512 (MKL_VERBOSE=1 shows the path). The oneDNN library in the same torch
@@ -24,8 +24,8 @@ experts when they average < EXPERT_MIN_ROWS rows each: there oneDNN's per-call c
 Off the CPU, for other dtypes, under autocast, or in a torch without the op, everything falls back to
 torch's own matmul, so a swapped model runs anywhere.
 
-These are the kernels; r1/cpu_gemm.py swaps a model's nn.Linear and experts onto them from outside the model
-file (as r1.fp8 does), and the HC norm-projection (r1/model/hc.py), a hand-written autograd Function, calls them.
+r1.cpu.accelerate swaps a model's nn.Linear for OneDNNLinear and its experts for ones whose GEMMs run here
+(r1/cpu/moe.py), and installs mm_nt / wgrad as the output head's GEMMs (r1/logprobs.py).
 Shape legend: M rows (tokens), K contraction, N outputs, E experts, Y/X an expert weight's out/in dims.
 """
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 LINEAR_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 BUCKET = 64  # GEMMs run with row counts in multiples of this (see _rows_into)
@@ -52,7 +52,7 @@ ENABLED = LINEAR_OP is not None and AVX512
 
 def prefer(onednn: bool | None) -> None:
     """Force the oneDNN path on (True) or off (False) for the process, or restore the CPU-based choice (None).
-    `usable` follows at once; `r1.cpu_gemm.use_onednn` swaps a model's modules only while it is on."""
+    `usable` follows at once; `r1.cpu.accelerate` swaps in OneDNNLinear only while it is on."""
     global ENABLED
     ENABLED = LINEAR_OP is not None and (AVX512 if onednn is None else onednn)
 
@@ -184,3 +184,10 @@ class _GroupedMM(torch.autograd.Function):
                         torch.mm(dy_MY[s:s + n].T, x_MX[s:s + n], out=dw[e])
             s += n
         return dx, dw, None
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose GEMMs run on oneDNN where `usable` (same parameters, same state dict; swapped in by class)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,4 +1,4 @@
-/* A small MoE layer's forward for decoding on one CPU thread (r1/model/moe_cpu.py; built by r1/model/cext.py).
+/* A small MoE layer's forward for decoding on one CPU thread (r1/cpu/moe.py; built by r1/cpu/cext.py).
 
 Why: decoding a tiny MoE model is bound by the number of ops. torch runs a layer's experts as ~25 dispatches
 (sort the (token, expert) pairs, gather, two grouped GEMMs of a few rows per expert, SwiGLU, weight, scatter-add,

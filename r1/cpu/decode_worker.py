@@ -1,4 +1,4 @@
-"""A second decoding process for the torch engine on a CPU: one generate call's prompts split across two cores.
+"""A second decoding process for the CPU torch engine (r1/cpu/engine.py): a call's prompts split over two cores.
 
 Why: a decode step of a small model is a few hundred ops of a few microseconds each, so a second intra-op thread
 barely helps (the smoke model, 128 rows: one thread as fast as two) and the second core idles. Two Python threads
@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp  # registers the reductions that pass shared-memory tensors to the worker
-from torch import Tensor, nn
+from torch import nn
 
 from rollouts.base import SamplingParams
-
-Result = tuple[Tensor, Tensor, list[int], list[bool]]  # TorchEngine._run's: tokens, log-probs, lengths, stopped
+from rollouts.torch_engine import Result, TorchEngine
 
 
 class WorkerDied(RuntimeError):
@@ -38,10 +37,8 @@ class WorkerDied(RuntimeError):
 
 def _serve(model: nn.Module, tokenizer: Any, conn: Any, eos_ids: list[int], pad_id: int) -> None:
     torch.set_num_threads(1)
-    from rollouts.torch_engine import TorchEngine
-
     # the tokenizer matches stop strings as the engine's own does
-    engine = TorchEngine(model, tokenizer, eos_token_id=eos_ids, pad_token_id=pad_id, processes=1)
+    engine = TorchEngine(model, tokenizer, eos_token_id=eos_ids, pad_token_id=pad_id)
     while (msg := conn.recv()) is not None:
         prompts, sampling, n, first = msg
         cpu = time.process_time()
