@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from r1.model.hf import dequantize_fp8
 from r1.model.model import GroupedExperts
 
 E4M3 = torch.float8_e4m3fn
@@ -103,12 +104,6 @@ def quantize_fp8(w: Tensor, block: int = 128, pow2: bool = False) -> tuple[Tenso
     """DeepSeek's FP8 checkpoint format: w [M, N] -> (w_fp8 [M, N], weight_scale_inv [ceil(M/b), ceil(N/b)])."""
     q, s = quantize(w, block, block, pow2)
     return q[: w.shape[0], : w.shape[1]].contiguous(), s
-
-
-def dequantize_fp8(w: Tensor, scale_inv: Tensor, block: int = 128) -> Tensor:
-    """w_fp8 [M, N] with one scale per block x block tile (the last tiles may be partial) -> fp32."""
-    M, N = w.shape
-    return w.float() * scale_inv.float().repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
 
 
 # ---------------------------------------------------------------------------------------------- GEMM backends

@@ -47,7 +47,6 @@ def test_quantize_is_the_checkpoint_format():
     q_hf, s_hf = hf_io.quantize_fp8(w)
     assert torch.equal(q.view(torch.uint8), q_hf.view(torch.uint8)) and torch.equal(s, s_hf)
     assert s.shape == (3, 2) and q.dtype == E4M3
-    assert torch.equal(dequantize_fp8(q, s), hf_io.dequantize_fp8(q, s))
     assert rel(dequantize_fp8(q, s), w) < 0.04
 
 
