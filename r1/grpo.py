@@ -227,7 +227,8 @@ AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, float, float, int | None], Ten
 # The loss
 
 
-def _masked_mean(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
+def masked_mean(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Mean of x where mask is set (bool or 0/1; 0 when nothing is)."""
     mask = mask_BT.to(x_BT.dtype)
     return (x_BT * mask).sum() / mask.sum().clamp(min=1)
 
@@ -292,18 +293,18 @@ def policy_loss(
     if engine_logp_BT is not None:
         w_BT = tis_weights(old_logp_BT, engine_logp_BT, tis_cap)
         loss_BT = loss_BT * w_BT
-        metrics["tis/mean"] = _masked_mean(w_BT, mask_BT)
+        metrics["tis/mean"] = masked_mean(w_BT, mask_BT)
     if ref_logp_BT is not None:
         kl_BT = k3(logp_BT, ref_logp_BT.detach(), k3_clamp)
         loss_BT = loss_BT + beta * kl_BT
-        metrics["kl"] = _masked_mean(kl_BT.detach(), mask_BT)
+        metrics["kl"] = masked_mean(kl_BT.detach(), mask_BT)
 
     with torch.no_grad():
         low = (rho_BT < 1 - eps_low) & (A_B1 < 0)
         high = (rho_BT > 1 + eps_high) & (A_B1 > 0)
-        metrics["clip_ratio/low_mean"] = _masked_mean(low.to(logp_BT.dtype), mask_BT)
-        metrics["clip_ratio/high_mean"] = _masked_mean(high.to(logp_BT.dtype), mask_BT)
-        metrics["clip_ratio/region_mean"] = _masked_mean((low | high).to(logp_BT.dtype), mask_BT)
+        metrics["clip_ratio/low_mean"] = masked_mean(low.to(logp_BT.dtype), mask_BT)
+        metrics["clip_ratio/high_mean"] = masked_mean(high.to(logp_BT.dtype), mask_BT)
+        metrics["clip_ratio/region_mean"] = masked_mean((low | high).to(logp_BT.dtype), mask_BT)
 
     n_seq = logp_BT.shape[0] if num_sequences is None else num_sequences
     n_tok = mask_BT.sum().clamp(min=1) if num_tokens is None else num_tokens

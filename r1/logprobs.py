@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from r1.grpo import masked_mean
+
 
 # The output head's GEMMs, a b^T and dy^T x; r1.cpu.accelerate replaces both with oneDNN's (r1/cpu/gemm.py), which
 # fall back to these for anything but fp32 CPU tensors.
@@ -107,12 +109,6 @@ def token_logprobs(hidden_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor, te
     logp, ent = _HeadLogprobs.apply(hidden_BTD.reshape(-1, D), weight_VD, targets_BT.reshape(-1), temperature,
                                     with_entropy, chunk)
     return logp.view(B, T), ent.view(B, T)
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x where mask is set (bool or 0/1; 0 when nothing is)."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def lm_loss(out: object, lm_head_weight: Tensor, input_ids: Tensor, loss_mask: Tensor | None = None,

@@ -35,13 +35,14 @@ class SmokeConfig:
 def heldout_accuracy(model_dir: str | Path, data: Path, max_tokens: int = 48) -> float:
     """`r1 eval MODEL --benchmark custom --data DATA --problem-key prompt --template smoke --temperature 0`: greedy
     pass@1 on the held-out problems, graded by the math reward."""
+    from r1.cpu import accelerate_engine
     from r1.eval import evaluate, format_table, load_benchmark, load_model
     from r1.tokenizer import load_tokenizer
     from rollouts import SamplingParams, make_engine
 
     rows, b = load_benchmark("custom", str(data), problem_key="prompt")
     tok = load_tokenizer(str(model_dir))
-    engine = make_engine("torch", model=load_model(model_dir).eval(), tokenizer=tok)
+    engine = accelerate_engine(make_engine("torch", model=load_model(model_dir).eval(), tokenizer=tok))
     summary = evaluate(engine, tok, rows, problem_key=b.problem, answer_key=b.answer, template="smoke",
                        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens), k=1,
                        out_path=Path(model_dir).parent / "heldout_generations.jsonl", progress=False)

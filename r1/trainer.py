@@ -74,7 +74,7 @@ class TrainConfig:
     advantage_scale: str = "group"  # group | none (Dr. GRPO) | batch
     mu: int = 1  # inner updates per rollout batch
     micro_batch: int = 32
-    update_workers: int = 0  # micro-batches run side by side on CPU (0 = auto: 2 with >= 2 threads; see r1.parallel)
+    update_workers: int = 0  # micro-batches run side by side on CPU (0 = auto: 2 with >= 2 threads; see r1.cpu)
     shared_prefix: bool = True  # native model: a micro-batch's distinct prompts run once each (not under FSDP)
     dynamic_sampling: bool = True
     max_refills: int = 2  # dynamic sampling's budget, drawn up front in one generate call (grpo.refill_prompts)
@@ -144,7 +144,7 @@ def micro_batch_logprobs(cfg: TrainConfig, ids: Tensor, attn: Tensor, prompt_len
 
 def micro_batch_loss(policy: nn.Module, cfg: TrainConfig, b: UpdateBatch, dist: Dist, share: bool,
                      i: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Micro-batch i's policy loss and metrics (run by r1.parallel.micro_batches, maybe on a worker thread)."""
+    """Micro-batch i's policy loss and metrics (run by r1.cpu.micro_batches, maybe on a worker thread)."""
     sl = slice(i * cfg.micro_batch, (i + 1) * cfg.micro_batch)
     with dist.autocast():
         lp, ent = sequence_logprobs(policy, b.ids[sl], b.attn[sl], b.prompt_len, cfg.temperature, with_entropy=True,
