@@ -9,22 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from _models import exported
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from r1.model.config import load_config
-    from r1.model.model import V3ForCausalLM
-    from r1.policy import export
-    from r1.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("policy")
-    export(V3ForCausalLM(load_config("tiny")), load_tokenizer("char"), d)
-    return d
+    return exported(tmp_path_factory, "tiny")
 
 
 def r1(args: list[str], home: Path) -> subprocess.CompletedProcess:

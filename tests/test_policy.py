@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import exported
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from r1.model.config import load_config
@@ -18,10 +19,7 @@ from r1.tokenizer import load_tokenizer
 
 @pytest.fixture(scope="module")
 def v3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("v3")
-    export(V3ForCausalLM(load_config("tiny")), load_tokenizer("char"), d)
-    return d
+    return exported(tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import exported
 
 from r1 import checkpoint
 from r1.cli import main
-from r1.model.config import load_config
 from r1.model.model import V3ForCausalLM
-from r1.tokenizer import load_tokenizer
 from r1.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +28,7 @@ def digit_share(completions: list[str], **_: object) -> list[float]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from r1.trainer import export
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("policy")
-    export(V3ForCausalLM(load_config("smoke")), load_tokenizer("char"), d)
-    return d
+    return exported(tmp_path_factory, "smoke")
 
 
 def tiny(model_dir: Path, out: Path, **kw: object) -> TrainConfig:
