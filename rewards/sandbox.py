@@ -110,6 +110,8 @@ def _python_dirs() -> list[str]:
 
 
 _ROOT_LOCK = threading.Lock()
+_LIVE: set[int] = set()  # pids of the runs not yet closed
+_LIVE_LOCK = threading.Lock()
 
 
 def _root(tmpfs_mb: int) -> tuple[str, str]:
@@ -187,9 +189,11 @@ class Run:
             if self.level == "uid":
                 os.chown(self.workdir, self.uid, self.uid)
             os.chmod(self.workdir, 0o700)
-        self.proc = subprocess.Popen(_argv(self.level, self.uid, limits), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.workdir,
-                                     env=_env(self.workdir or "/tmp"), start_new_session=True, close_fds=True)
+        with _LIVE_LOCK:  # registered before reap_orphans can see it exit: its status is this run's to read
+            self.proc = subprocess.Popen(_argv(self.level, self.uid, limits), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.workdir,
+                                         env=_env(self.workdir or "/tmp"), start_new_session=True, close_fds=True)
+            _LIVE.add(self.proc.pid)
         os.set_blocking(self.proc.stdout.fileno(), False)
         os.set_blocking(self.proc.stdin.fileno(), False)
         header = json.dumps({"code": code, "mode": mode}).encode()
@@ -251,6 +255,8 @@ class Run:
             except (OSError, ValueError):
                 pass
         end_group(self.proc)
+        with _LIVE_LOCK:
+            _LIVE.discard(self.proc.pid)
         if self.level == "uid":  # no PID namespace: a daemonised child escaped the group; kill all of its uid
             subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--",
                             "kill", "-9", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -270,7 +276,13 @@ class Run:
 
 def reap_orphans() -> None:
     """Wait for zombie children of this process that ran as a sandbox uid: processes a program detached are
-    re-parented to PID 1 when killed, and PID 1 is the trainer when it runs as a container's entry point."""
+    re-parented to PID 1 when killed, and PID 1 is the trainer when it runs as a container's entry point. A live
+    run's own process is left to its Run, which reads its exit status."""
+    with _LIVE_LOCK:
+        _reap_orphans()
+
+
+def _reap_orphans() -> None:
     for task in os.scandir("/proc/self/task"):
         try:
             kids = Path(task.path, "children").read_text().split()
@@ -283,7 +295,7 @@ def reap_orphans() -> None:
                 uid = int(status.split("\nUid:")[1].split()[0])
             except (OSError, IndexError, ValueError):
                 continue
-            if zombie and _UIDS_RANGE[0] <= uid < _UIDS_RANGE[1]:
+            if zombie and _UIDS_RANGE[0] <= uid < _UIDS_RANGE[1] and int(pid) not in _LIVE:
                 try:
                     os.waitpid(int(pid), os.WNOHANG)
                 except ChildProcessError:

@@ -239,3 +239,26 @@ def test_program_cannot_end_a_test_s_iteration_early():
     assert code_reward([cheat], tests=[tests]) == [0.0]
     bad = "def double(x):\n    raise ValueError('no')\n"
     assert code_reward([bad], tests=[["try:\n    double(1)\nexcept ValueError:\n    pass"]]) == [1.0]
+
+
+def test_reaping_orphans_never_takes_a_live_run_s_exit_status():
+    """Another run's close() reaps orphans while this run's program has exited but its status is unread: the
+    status must stay this run's (a stolen one reads as 0, a pass, for a program that failed)."""
+    import time
+
+    from rewards.sandbox import Run, reap_orphans
+
+    if os.geteuid() != 0:
+        pytest.skip("the uid level needs root")
+    run = Run("import sys\nprint('right output')\nsys.exit(3)\n", "stdio", level="uid")
+    try:
+        run.exchange(b"", time.monotonic() + 20, until_newline=False, close_stdin=True)
+        stat = Path(f"/proc/{run.proc.pid}/stat")
+        for _ in range(2000):  # until the runner is a zombie: exited, status not yet read
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        reap_orphans()
+        assert run.returncode(time.monotonic() + 20) == 3
+    finally:
+        run.close()
