@@ -280,7 +280,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
     rows = smoke_rl_rows(seed=cfg.seed) if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key or cfg.prompt_key), cfg.dataset_config)
-    policy = accelerate(load_policy(cfg.model)).to(dist.device).train()
+    policy = accelerate(load_policy(cfg.model), dist.device).to(dist.device).train()
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     out_dir = Path(cfg.output_dir)
     resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \

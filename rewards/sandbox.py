@@ -34,6 +34,7 @@ from rewards.pool import end_group
 _HERE = Path(__file__).resolve().parent
 RUNNER = (_HERE / "wire.py").read_text() + "\n" + (_HERE / "_runner.py").read_text()
 _PATH = "/usr/local/bin:/usr/bin:/bin"
+_NS = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--"]
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _HOST_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")  # merged-/usr symlinks, or directories to bind
 
@@ -166,14 +167,12 @@ def _argv(level: str, uid: int, lim: Limits) -> list[str]:
     program: two execs fewer than prlimit and setpriv, and the chroot needs root after the mounts."""
     root, fstab = _root(lim.file_mb * 4) if level == "namespaces" else ("", "")
     conf = {"rlimits": lim.rlimits(), "uid": uid if level in ("namespaces", "uid") else None, "root": root,
-            "no_new_privs": level == "uid"}  # in the chroot every mount is nosuid instead
+            "no_new_privs": level in ("namespaces", "uid")}  # no setuid binary gives the uid back (nosuid too)
     cmd = [sandbox_python(), "-S", "-I", "-B", "-c", RUNNER, json.dumps(conf)]
     if level == "namespaces":
         cmd = [*_NS, "/bin/sh", "-c", f"mount -a -T {fstab} && exec \"$@\"", "sh", *cmd]
     return cmd
 
-
-_NS = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--"]
 
 
 class Run:

@@ -378,7 +378,8 @@ def test_reference_and_inner_updates_side_by_side(model_dir: Path, tmp_path: Pat
     torch.testing.assert_close(b.ref, a.ref, rtol=0, atol=1e-5)
     assert torch.equal(a.old, a.ref)  # before the first update the policy is the reference
     # and they are the starting model's log-probs of the whole batch, computed here in one pass without sharing
-    from r1.trainer import load_policy, sequence_logprobs
+    from r1.policy import load_policy
+    from r1.trainer import sequence_logprobs
 
     with torch.no_grad():
         direct = sequence_logprobs(load_policy(str(model_dir)).train(), a.ids, a.attn, a.prompt_len, 1.0)[0]
