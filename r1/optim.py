@@ -38,12 +38,16 @@ class AdamW(torch.optim.Optimizer):
                  moment_dtype: torch.dtype = torch.bfloat16, stochastic_rounding: bool = True, seed: int = 0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moment_dtype, self.stochastic_rounding, self.seed = moment_dtype, stochastic_rounding, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device, step: int, index: int) -> torch.Generator | None:
         """Own generator (the optimizer must not shift the model's random streams), a function of the step."""
         if not self.stochastic_rounding:
             return None
-        return torch.Generator(device).manual_seed(hash((self.seed, step, index)) & ((1 << 63) - 1))
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device)
+        return gen.manual_seed(hash((self.seed, step, index)) & ((1 << 63) - 1))  # reseeded: one per device
 
     def _store(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         return x.to(self.moment_dtype) if gen is None else round_stochastic(x, self.moment_dtype, gen)
