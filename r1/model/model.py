@@ -398,7 +398,7 @@ class MoE(nn.Module):
         y_sorted = y_sorted * w_NK.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
         # the routed outputs are summed into the shared experts' output (no zero tensor, no extra add)
         y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
-        return y_ND.index_add_(0, token_of, y_sorted.to(x_ND.dtype))
+        return y_ND.index_add_(0, token_of, y_sorted.to(y_ND.dtype))
 
     @torch.no_grad()
     def count_tokens(self, idx_NK: Tensor, valid_BT: Tensor | None) -> None:
