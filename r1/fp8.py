@@ -196,6 +196,12 @@ class _Fp8GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK: Tensor, w_ENK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int],
                 cfg: Fp8Config, gemm: Gemm) -> Tensor:
+        with torch.autocast(x_MK.device.type, enabled=False):  # fp32 accumulation, whatever autocast says
+            return _Fp8GroupedMM._forward(ctx, x_MK, w_ENK, wq_ENK, sw_ENK, splits, cfg, gemm)
+
+    @staticmethod
+    def _forward(ctx, x_MK: Tensor, w_ENK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int],
+                 cfg: Fp8Config, gemm: Gemm) -> Tensor:
         K, N, b = x_MK.shape[1], w_ENK.shape[1], cfg.block
         xq_MK, sx_MK = quantize(x_MK, 1, b, cfg.pow2_scales)
         ys = [gemm(xq, sx, wq_ENK[e], sw_ENK[e], True, x_MK.dtype)[:, :N]
@@ -207,6 +213,11 @@ class _Fp8GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_MN: Tensor):
+        with torch.autocast(dy_MN.device.type, enabled=False):
+            return _Fp8GroupedMM._backward(ctx, dy_MN)
+
+    @staticmethod
+    def _backward(ctx, dy_MN: Tensor):
         xq_MK, sx_MK, x_MK, wq_ENK, sw_ENK = ctx.saved_tensors
         K, N, x_dtype, w_dtype = ctx.meta
         cfg, gemm, splits, b = ctx.cfg, ctx.gemm, ctx.splits, ctx.cfg.block
@@ -256,6 +267,12 @@ class _WeightCache:
         self.s, self.key = s.float().to(q.device), (w._version, w.data_ptr())
 
 
+def _autocast_input(x: Tensor) -> Tensor:
+    """x in autocast's dtype where it is on (bf16 training: FP8 GEMMs take and give bf16 activations, as in V3)."""
+    dev = x.device.type
+    return x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+
+
 def _gemm_for(x: Tensor, cfg: Fp8Config) -> Gemm:
     return BACKENDS[pick_backend(x.device, cfg.backend)]
 
@@ -282,6 +299,7 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         wq, sw = self._cache.get(self.weight, self.cfg)
+        x = _autocast_input(x)
         x_MK = x.reshape(-1, self.in_features)
         y = _Fp8GroupedMM.apply(x_MK, self.weight.unsqueeze(0), wq.unsqueeze(0), sw.unsqueeze(0), [x_MK.shape[0]],
                                 self.cfg, _gemm_for(x, self.cfg))
@@ -326,6 +344,7 @@ class Fp8GroupedExperts(GroupedExperts):
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         splits = counts_E.tolist()  # one host sync per layer, as the non-grouped fallback
+        x_NsD = _autocast_input(x_NsD)
         gate, up = self._mm(x_NsD, "gate_up_proj", splits).chunk(2, dim=-1)
         return self._mm(F.silu(gate) * up, "down_proj", splits)
 

@@ -22,7 +22,9 @@ class CPURMSNorm(RMSNorm):
     SMALL_CPU = 1 << 14
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or self.weight.dtype != torch.float32 or x.device.type != "cpu":
+        # under autocast the reference: autocast would run _RMSNormCPU's backward vecdot in bf16
+        if x.dtype != torch.float32 or self.weight.dtype != torch.float32 or x.device.type != "cpu" \
+                or torch.is_autocast_enabled("cpu"):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNormCPU.apply(x, self.weight, self.eps)

@@ -95,7 +95,7 @@ class CPUMoE(MoE):
     DENSE_MAX_MACS = 1 << 23
 
     def experts_sum(self, x_ND: Tensor, w_NK: Tensor, idx_NK: Tensor, cache: Cache | None) -> Tensor:
-        if not self.training:
+        if not self.training and not torch.is_autocast_enabled("cpu"):  # the shortcuts compute in fp32
             # decoding on one CPU thread: the experts in one C call, where it applies
             if cache is not None and torch.get_num_threads() == 1 and x_ND.device.type == "cpu" \
                     and (kernel := cache.derived(self, self._decode_kernel)) is not None:

@@ -317,7 +317,8 @@ class Router(nn.Module):
 
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.c
-        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x_ND.device.type, enabled=False):  # scores in fp32 under bf16 training too (V3)
+            scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
         choice_NE = scores_NE + self.e_score_correction_bias
         if c.n_group > 1 and c.topk_group < c.n_group:
             N, G = choice_NE.shape[0], c.n_group
@@ -346,7 +347,11 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def grouped_mm(x_NX: Tensor, w_EYX: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
-        """x_NX @ w_e^T on each expert's slice; offs_E (int32 cumsum of counts_E) if already computed."""
+        """x_NX @ w_e^T on each expert's slice; offs_E (int32 cumsum of counts_E) if already computed.
+        Under autocast the operands take its dtype, as a matmul would (torch._grouped_mm has no autocast rule)."""
+        if torch.is_autocast_enabled(x_NX.device.type):
+            dt = torch.get_autocast_dtype(x_NX.device.type)
+            x_NX, w_EYX = x_NX.to(dt), w_EYX.to(dt)
         if hasattr(torch, "_grouped_mm") and x_NX.dtype in (torch.float32, torch.bfloat16) and x_NX.shape[0]:
             offs = counts_E.cumsum(0).to(torch.int32) if offs_E is None else offs_E
             return torch._grouped_mm(x_NX, w_EYX.transpose(-2, -1), offs=offs)
