@@ -30,7 +30,7 @@ Shape legend: M tokens (rows), K contraction, N outputs, E experts, Kb = K/128 b
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -189,56 +189,113 @@ def pick_backend(device: torch.device | str, requested: str = "auto") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- autograd
+# The three GEMMs of routed experts (row group e = expert e's contiguous token slice), two ways:
+# - per expert: a loop of `gemm` calls on each expert's slice (any backend; `scaled_mm` runs this way: torch's
+#   grouped scaled GEMM, F.scaled_grouped_mm, takes row-wise or MX scales, not DeepSeek's 1x128 / 128x128 blocks);
+# - grouped (the `emulated` backend): operands quantised once for all rows, dequantised to fp32, and ONE
+#   torch._grouped_mm per GEMM. Tiles never cross experts (1x128 tiles run along K or N within a row; wgrad's
+#   128x1 token tiles start at each expert's first row: the rows are laid out padded per expert), so the scales are
+#   the per-expert loop's, and the sums the same per-expert products: tests/test_fp8.py holds the two equal bit
+#   for bit. wgrad is torch._grouped_mm's 2-D x 2-D form, offsets along the contraction (tokens) -> [E, N, K].
+def _forward_loop(xq_MK: Tensor, sx_MK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int], N: int,
+                  out_dtype: torch.dtype, gemm: Gemm) -> Tensor:
+    ys = [gemm(xq, sx, wq_ENK[e], sw_ENK[e], True, out_dtype)[:, :N]
+          for e, (xq, sx) in enumerate(zip(xq_MK.split(splits), sx_MK.split(splits), strict=True)) if xq.shape[0]]
+    return torch.cat(ys) if ys else xq_MK.new_zeros(0, N, dtype=out_dtype)
+
+
+def _forward_grouped(xq_MK: Tensor, sx_MK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, offs_E: Tensor, N: int,
+                     out_dtype: torch.dtype, b: int) -> Tensor:
+    w_ENK = dequantize(wq_ENK, sw_ENK, b, b)
+    return torch._grouped_mm(dequantize(xq_MK, sx_MK, 1, b), w_ENK.transpose(-2, -1), offs=offs_E).to(out_dtype)[:, :N]
+
+
+def _dgrad_loop(dyq_MN: Tensor, sdy_MN: Tensor, wqT_EKN: Tensor, swT_EKN: Tensor, splits: list[int], K: int,
+                out_dtype: torch.dtype, gemm: Gemm) -> Tensor:
+    dxs = [gemm(q, s, wqT_EKN[e], swT_EKN[e], True, out_dtype)[:, :K]
+           for e, (q, s) in enumerate(zip(dyq_MN.split(splits), sdy_MN.split(splits), strict=True)) if q.shape[0]]
+    return torch.cat(dxs) if dxs else dyq_MN.new_zeros(0, K, dtype=out_dtype)
+
+
+def _dgrad_grouped(dyq_MN: Tensor, sdy_MN: Tensor, wqT_EKN: Tensor, swT_EKN: Tensor, offs_E: Tensor, K: int,
+                   out_dtype: torch.dtype, b: int) -> Tensor:
+    wT_EKN = dequantize(wqT_EKN, swT_EKN, b, b)
+    return torch._grouped_mm(dequantize(dyq_MN, sdy_MN, 1, b), wT_EKN.transpose(-2, -1),
+                             offs=offs_E).to(out_dtype)[:, :K]
+
+
+def _wgrad_loop(dy_MN: Tensor, x_MK: Tensor, splits: list[int], cfg: Fp8Config, gemm: Gemm) -> Tensor:
+    N, K = dy_MN.shape[1], x_MK.shape[1]
+    dw = dy_MN.new_zeros(len(splits), N, K, dtype=torch.float32)
+    for e, (x_e, dy_e) in enumerate(zip(x_MK.split(splits), dy_MN.split(splits), strict=True)):
+        if not x_e.shape[0]:
+            continue
+        # 128x1 tiles along the tokens, the wgrad contraction dim (padded to 128 with zero tokens)
+        dyq, sdy = quantize(dy_e.t(), 1, cfg.block, cfg.pow2_scales)
+        xq, sx = quantize(x_e.t(), 1, cfg.block, cfg.pow2_scales)
+        dw[e] = gemm(dyq, sdy, xq, sx, False, torch.float32)[:N, :K]
+    return dw
+
+
+def _wgrad_grouped(dy_MN: Tensor, x_MK: Tensor, counts_E: Tensor, cfg: Fp8Config) -> Tensor:
+    b, M = cfg.block, dy_MN.shape[0]
+    # each expert's rows from a multiple of b, zero rows between (zeros change neither amax nor the sums)
+    padded_E = (counts_E + b - 1) // b * b
+    ends_E = padded_E.cumsum(0)
+    expert_M = torch.repeat_interleave(torch.arange(len(counts_E), device=dy_MN.device), counts_E, output_size=M)
+    row_M = (ends_E - padded_E - (counts_E.cumsum(0) - counts_E))[expert_M] + torch.arange(M, device=dy_MN.device)
+    Mp = int(ends_E[-1]) if len(ends_E) else 0
+
+    def tiles_along_tokens(t_MX: Tensor) -> Tensor:  # [X, Mp]: quantised per 1 x b tile of t^T, dequantised
+        t_MpX = t_MX.new_zeros(Mp, t_MX.shape[1]).index_copy_(0, row_M, t_MX)
+        q, s = quantize(t_MpX.t(), 1, b, cfg.pow2_scales)
+        return dequantize(q, s, 1, b)
+
+    dy_NMp, x_KMp = tiles_along_tokens(dy_MN), tiles_along_tokens(x_MK)
+    return torch._grouped_mm(dy_NMp, x_KMp.t(), offs=ends_E.to(torch.int32))
+
+
 class _Fp8GroupedMM(torch.autograd.Function):
     """y [M, N] = x [M, K] . W_e^T for row group e (`splits` rows each; one group = a plain linear).
-    Takes the master W [E, N, K] (for its gradient) and its cached quantisation wq [E, Np, Kp], sw [E, Nb, Kb]."""
+    Takes the master W [E, N, K] (for its gradient) and its cached quantisation wq [E, Np, Kp], sw [E, Nb, Kb].
+    `grouped`: one torch._grouped_mm per GEMM (the emulated backend) instead of the per-expert loop."""
 
     @staticmethod
     def forward(ctx, x_MK: Tensor, w_ENK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int],
-                cfg: Fp8Config, gemm: Gemm) -> Tensor:
+                cfg: Fp8Config, gemm: Gemm, grouped: bool = False) -> Tensor:
         with torch.autocast(x_MK.device.type, enabled=False):  # fp32 accumulation, whatever autocast says
-            return _Fp8GroupedMM._forward(ctx, x_MK, w_ENK, wq_ENK, sw_ENK, splits, cfg, gemm)
-
-    @staticmethod
-    def _forward(ctx, x_MK: Tensor, w_ENK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int],
-                 cfg: Fp8Config, gemm: Gemm) -> Tensor:
-        K, N, b = x_MK.shape[1], w_ENK.shape[1], cfg.block
-        xq_MK, sx_MK = quantize(x_MK, 1, b, cfg.pow2_scales)
-        ys = [gemm(xq, sx, wq_ENK[e], sw_ENK[e], True, x_MK.dtype)[:, :N]
-              for e, (xq, sx) in enumerate(zip(xq_MK.split(splits), sx_MK.split(splits), strict=True)) if xq.shape[0]]
+            K, N, b = x_MK.shape[1], w_ENK.shape[1], cfg.block
+            xq_MK, sx_MK = quantize(x_MK, 1, b, cfg.pow2_scales)
+            counts_E = torch.tensor(splits, device=x_MK.device)
+            if grouped:
+                y = _forward_grouped(xq_MK, sx_MK, wq_ENK, sw_ENK, counts_E.cumsum(0).to(torch.int32), N,
+                                     x_MK.dtype, b)
+            else:
+                y = _forward_loop(xq_MK, sx_MK, wq_ENK, sw_ENK, splits, N, x_MK.dtype, gemm)
         keep = (xq_MK, sx_MK, None) if cfg.fp8_activations else (None, None, x_MK)  # fp8: the memory saving
-        ctx.save_for_backward(*keep, wq_ENK, sw_ENK)
-        ctx.splits, ctx.cfg, ctx.gemm, ctx.meta = splits, cfg, gemm, (K, N, x_MK.dtype, w_ENK.dtype)
-        return torch.cat(ys) if ys else x_MK.new_zeros(0, N)
+        ctx.save_for_backward(*keep, wq_ENK, sw_ENK, counts_E)
+        ctx.splits, ctx.cfg, ctx.gemm, ctx.grouped = splits, cfg, gemm, grouped
+        ctx.meta = (K, N, x_MK.dtype, w_ENK.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy_MN: Tensor):
-        with torch.autocast(dy_MN.device.type, enabled=False):
-            return _Fp8GroupedMM._backward(ctx, dy_MN)
-
-    @staticmethod
-    def _backward(ctx, dy_MN: Tensor):
-        xq_MK, sx_MK, x_MK, wq_ENK, sw_ENK = ctx.saved_tensors
+        xq_MK, sx_MK, x_MK, wq_ENK, sw_ENK, counts_E = ctx.saved_tensors
         K, N, x_dtype, w_dtype = ctx.meta
         cfg, gemm, splits, b = ctx.cfg, ctx.gemm, ctx.splits, ctx.cfg.block
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dyq, sdy = quantize(dy_MN, 1, b, cfg.pow2_scales)  # 1x128 along N, the dgrad contraction dim
-            wqT, swT = wq_ENK.transpose(-2, -1).contiguous(), sw_ENK.transpose(-2, -1)
-            dxs = [gemm(q, s, wqT[e], swT[e], True, x_dtype)[:, :K]
-                   for e, (q, s) in enumerate(zip(dyq.split(splits), sdy.split(splits), strict=True)) if q.shape[0]]
-            dx = torch.cat(dxs) if dxs else dy_MN.new_zeros(0, K, dtype=x_dtype)
-        if ctx.needs_input_grad[1]:
-            x_MK = dequantize(xq_MK, sx_MK, 1, b) if x_MK is None else x_MK
-            dw = torch.zeros(len(splits), N, K, dtype=w_dtype, device=dy_MN.device)
-            for e, (x_e, dy_e) in enumerate(zip(x_MK.split(splits), dy_MN.split(splits), strict=True)):
-                if not x_e.shape[0]:
-                    continue
-                # 128x1 tiles along the tokens, the wgrad contraction dim (padded to 128 with zero tokens)
-                dyq, sdy = quantize(dy_e.t(), 1, b, cfg.pow2_scales)
-                xq, sx = quantize(x_e.t(), 1, b, cfg.pow2_scales)
-                dw[e] = gemm(dyq, sdy, xq, sx, False, torch.float32)[:N, :K]
-        return dx, dw, None, None, None, None, None
+        with torch.autocast(dy_MN.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                dyq, sdy = quantize(dy_MN, 1, b, cfg.pow2_scales)  # 1x128 along N, the dgrad contraction dim
+                wqT, swT = wq_ENK.transpose(-2, -1).contiguous(), sw_ENK.transpose(-2, -1)
+                dx = _dgrad_grouped(dyq, sdy, wqT, swT, counts_E.cumsum(0).to(torch.int32), K, x_dtype, b) \
+                    if ctx.grouped else _dgrad_loop(dyq, sdy, wqT, swT, splits, K, x_dtype, gemm)
+            if ctx.needs_input_grad[1]:
+                x_MK = dequantize(xq_MK, sx_MK, 1, b)[:, :K] if x_MK is None else x_MK
+                dw = _wgrad_grouped(dy_MN, x_MK, counts_E, cfg) if ctx.grouped \
+                    else _wgrad_loop(dy_MN, x_MK, splits, cfg, gemm)
+                dw = dw.to(w_dtype)
+        return dx, dw, None, None, None, None, None, None
 
 
 class _WeightCache:
@@ -319,10 +376,13 @@ class Fp8Linear(nn.Linear):
 
 
 class Fp8GroupedExperts(GroupedExperts):
-    """Routed experts in FP8: one blockwise GEMM per expert's contiguous token slice (never per token),
-    same parameters (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as the GroupedExperts it replaces."""
+    """Routed experts in FP8: each GEMM one grouped blockwise GEMM over the experts' contiguous token slices
+    (emulated backend; one GEMM per expert's slice on `scaled_mm`: see the note above _forward_loop), same
+    parameters (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as the GroupedExperts it replaces."""
 
     full_precision = False  # no full-precision decode shortcut: rollouts keep the numerics training uses
+    # the emulated backend's GEMMs as one torch._grouped_mm each (False: the per-expert loop, equal bit for bit)
+    grouped = True
 
     def __init__(self, n_experts: int, dim: int, hidden: int, cfg: Fp8Config | None = None):
         super().__init__(n_experts, dim, hidden)
@@ -340,7 +400,9 @@ class Fp8GroupedExperts(GroupedExperts):
     def _mm(self, x_NX: Tensor, name: str, splits: list[int]) -> Tensor:
         w_EYX = getattr(self, name)
         wq, sw = self._caches[name].get(w_EYX, self.cfg)
-        return _Fp8GroupedMM.apply(x_NX, w_EYX, wq, sw, splits, self.cfg, _gemm_for(x_NX, self.cfg))
+        gemm = _gemm_for(x_NX, self.cfg)
+        grouped = self.grouped and gemm is gemm_emulated and hasattr(torch, "_grouped_mm")
+        return _Fp8GroupedMM.apply(x_NX, w_EYX, wq, sw, splits, self.cfg, gemm, grouped)
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         splits = counts_E.tolist()  # one host sync per layer, as the non-grouped fallback
@@ -378,6 +440,34 @@ def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None) -> nn.Modu
 
 def fp8_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Fp8Linear | Fp8GroupedExperts)]
+
+
+def fp8_hf_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The converted layers' FP8 weights as DeepSeek's checkpoints hold them, under HF names: `...weight` (e4m3,
+    unpadded) and `...weight_scale_inv` (one fp32 scale per block x block tile); routed experts per expert.
+    Adopted checkpoint bytes (`load_fp8_weights`, frozen layers) come back unchanged; a trainable layer gives
+    its master's current quantisation. The rest of the model is not included (see r1.model.hf.hf_state_dict)."""
+    from r1.model.hf import native_to_hf
+
+    c = model.config
+    for name, mod in model.named_modules():
+        if isinstance(mod, Fp8Linear):
+            params = (("weight", mod._cache, mod.weight),)
+        elif isinstance(mod, Fp8GroupedExperts):
+            if (mod.gate_up_proj.shape[1] // 2) % mod.cfg.block:
+                raise ValueError(f"{name}: moe_intermediate_size {mod.gate_up_proj.shape[1] // 2} is not a multiple of "
+                                 f"the FP8 block {mod.cfg.block}: gate and up blocks would share scales")
+            params = tuple((p, mod._caches[p], getattr(mod, p)) for p in ("gate_up_proj", "down_proj"))
+        else:
+            continue
+        for pname, cache, w in params:
+            q, sc = cache.get(w, mod.cfg)
+            N, K = w.shape[-2:]
+            pairs = zip(native_to_hf(f"{name}.{pname}", q[..., :N, :K], c), native_to_hf(f"{name}.{pname}", sc, c),
+                        strict=True)
+            for (hf_name, q_hf), (_, s_hf) in pairs:
+                yield hf_name, q_hf.contiguous()
+                yield hf_name + "_scale_inv", s_hf.contiguous()
 
 
 def load_fp8_weights(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> int:

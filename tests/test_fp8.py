@@ -237,6 +237,51 @@ def test_grouped_experts_one_gemm_per_expert_slice():
     assert rel(y, y32) < 0.08  # two FP8 GEMMs in series (6.4% measured)
 
 
+@pytest.mark.parametrize("block, pow2, fp8_activations", [(128, False, True), (32, True, False)])
+def test_grouped_fp8_gemm_equals_per_expert_loop(block, pow2, fp8_activations):
+    """The routed experts' three GEMMs as one torch._grouped_mm each (activations quantised once for all rows,
+    wgrad's token tiles starting at each expert's first row) equal the per-expert FP8 loop bit for bit: output,
+    dx and both weights' gradients; experts without tokens and slices that end mid-tile included."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(7)
+    E, D, I = 6, 192, 96  # D and I not multiples of 128: padded tiles too
+    ex = GroupedExperts(E, D, I)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(ex.down_proj, std=0.05)
+    cfg = Fp8Config(block=block, pow2_scales=pow2, fp8_activations=fp8_activations)
+    counts = torch.tensor([70, 0, 200, 1, 0, 129])
+    x0 = torch.randn(int(counts.sum()), D) * torch.logspace(-1, 1, D)
+    dy = torch.randn(x0.shape[0], D)
+    out = {}
+    for grouped in (True, False):
+        fx = Fp8GroupedExperts.from_experts(copy.deepcopy(ex), cfg)
+        fx.grouped = grouped
+        x = x0.clone().requires_grad_()
+        with Ops() as ops:
+            y = fx(x, counts)
+            grads = torch.autograd.grad(y, (x, fx.gate_up_proj, fx.down_proj), dy)
+        out[grouped] = (y, *grads, ops.n)
+    (y1, dx1, dgu1, dd1, n1), (y0, dx0, dgu0, dd0, n0) = out[True], out[False]
+    assert n1["_grouped_mm"] == 6 and n1["mm"] == 0  # 2 forward, 2 dgrad, 2 wgrad: one call each
+    assert n0["_grouped_mm"] == 0 and n0["mm"] == 6 * 4  # the loop: one per expert with tokens, per GEMM
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0)
+    assert torch.equal(dgu1, dgu0) and torch.equal(dd1, dd0)
+    assert dgu1[1].abs().sum() == 0 and dd1[4].abs().sum() == 0
+    assert rel(y1, ex(x0, counts)) < 0.1
+
+
 def tiny_config(**kw):
     base = dict(vocab_size=64, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
                 num_hidden_layers=2, n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2,
@@ -337,6 +382,40 @@ def test_checkpoint_fp8_weights_used_as_they_are():
                        gate1.view(torch.uint8))
     with pytest.raises(ValueError, match="block"):
         kv.load_fp8_(tensors[hf_kv], torch.ones(4, 4))
+
+
+def test_fp8_weights_round_trip_through_hf_scale_inv(tmp_path):
+    """A converted model's FP8 weights written as HF `weight` + `weight_scale_inv` safetensors (fp8_hf_tensors), read
+    back by load_hf (dequantised masters) and adopted by load_fp8_weights, come out again byte for byte: the e4m3
+    bytes and the scales of every FP8 linear and of every expert's gate, up and down."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from r1.fp8 import fp8_hf_tensors
+
+    c = tiny_config(num_hidden_layers=2, q_lora_rank=128, num_nextn_predict_layers=1)
+    torch.manual_seed(3)
+    trained = convert_to_fp8(V3ForCausalLM(c))  # trainable: its masters' live quantisation is what goes out
+    fp8 = dict(fp8_hf_tensors(trained))
+    rest = {k: v.clone() for k, v in hf_io.hf_state_dict(trained) if k not in fp8}  # (MTP shares embed, head)
+    assert fp8 and all(v.dtype == (torch.float32 if k.endswith("_scale_inv") else E4M3) for k, v in fp8.items())
+    assert fp8["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"].shape == (1, 1)  # 128 x 128 blocks
+    save_file({**rest, **fp8}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    cfg = c.to_hf_dict()
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    back = convert_to_fp8(hf_io.load_hf(tmp_path)).requires_grad_(False)
+    assert load_fp8_weights(back, load_file(tmp_path / "model.safetensors").items()) == len(fp8_modules(back))
+    again = dict(fp8_hf_tensors(back))
+    assert again.keys() == fp8.keys()
+    for k, v in fp8.items():
+        assert torch.equal(again[k].view(torch.uint8) if v.dtype == E4M3 else again[k],
+                           v.view(torch.uint8) if v.dtype == E4M3 else v), k
+    x = torch.randint(0, c.vocab_size, (1, 8))
+    with torch.no_grad():  # the same weights: the frozen copy's cached bytes are the trained model's quantisation
+        assert torch.equal(back.logits(x), trained.eval().logits(x))
 
 
 def test_backend_registry():
