@@ -3,7 +3,6 @@ loop, as gpt-fast keeps parallelism outside its model."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -29,24 +28,22 @@ class Dist:
         self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
         self.main = self.state.is_main_process
         self.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.world > 1
-        # bf16 compute where accelerate asks for it and a GPU runs it; the CPU path stays fp32
-        self.bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" and torch.cuda.is_available()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """FSDP2: shard each decoder block, then the root (embeddings, final norm, head, MTP)."""
+    def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        """FSDP2: shard each decoder block, then the root (embeddings, final norm, head, MTP); bf16 and fp8 compute
+        with bf16 parameters, fp32 master weights and fp32 gradient reduction (r1.compute.mixed_precision_policy)."""
         if not self.fsdp:
             return model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.bf16 else None, reduce_dtype=torch.float32)
+        from r1.compute import mixed_precision_policy
+
+        mp = mixed_precision_policy(precision) or MixedPrecisionPolicy()  # fp32: FSDP2's default, all fp32
         inner = getattr(model, "model", model)  # transformers keeps the layers under .model
         for block in inner.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", torch.bfloat16) if self.bf16 and not self.fsdp else contextlib.nullcontext()
 
     def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
         if self.world > 1:

@@ -29,6 +29,9 @@ class SmokeConfig:
     # fixed cost of ~16 ms on 2 cores; per 32 rows: 88-98 ms at micro-batch 32, 69-74 ms at 128)
     grpo_micro_batch: int = 128
     eval_problems: int = 200
+    precision: str = "fp32"  # fp32 | bf16 | fp8, for SFT and GRPO (r1/compute.py; emulated on a CPU)
+    fp8_block: int = 32  # the smoke model's contraction dims (32 to 256) are multiples of 32, not of 128
+    gradient_checkpointing: str = "none"  # none | full | moe
     progress: bool = True
 
 
@@ -57,14 +60,16 @@ def run_smoke(cfg: SmokeConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     test.write_text("".join(json.dumps(r) + "\n" for r in smoke_splits(seed=cfg.seed)[1][:cfg.eval_problems]))
     print(f"[1/3] cold-start SFT: {cfg.sft_steps} steps", flush=True)
+    compute = {"precision": cfg.precision, "fp8_block": cfg.fp8_block,
+               "gradient_checkpointing": cfg.gradient_checkpointing}
     sft(SftConfig(output_dir=str(out / "sft"), steps=cfg.sft_steps, max_rows=cfg.sft_rows, seed=cfg.seed,
-                  progress=cfg.progress))
+                  progress=cfg.progress, **compute))
     acc_sft = heldout_accuracy(out / "sft" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
     print(f"[2/3] GRPO: {cfg.grpo_steps} steps", flush=True)
     train(TrainConfig(model=str(out / "sft" / "model"), output_dir=str(out / "grpo"), steps=cfg.grpo_steps,
                       lr=cfg.grpo_lr, prompts_per_step=cfg.grpo_prompts, micro_batch=cfg.grpo_micro_batch,
-                      seed=cfg.seed, progress=cfg.progress))
+                      seed=cfg.seed, progress=cfg.progress, **compute))
     print("[3/3] held-out evaluation", flush=True)
     acc_grpo = heldout_accuracy(out / "grpo" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from r1 import checkpoint, grpo
+from r1.compute import apply_activation_checkpointing, apply_precision, compute_context
 from r1.config import save_config
 from r1.cpu import accelerate, accelerate_engine, micro_batches, update_workers
 from r1.data import encode_prompts, load_rows, render, smoke_rl_rows
@@ -37,6 +36,7 @@ from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, upd
 from r1.optim import OPTIMIZERS
 from r1.parallel import Dist
 from r1.policy import engine_weights, export, load_policy
+from r1.runs import JsonlLogger, check_compute
 
 
 @dataclass
@@ -81,6 +81,9 @@ class TrainConfig:
     ref_reset_every: int = 0  # 0 = never
     tis_cap: float = 2.0  # truncated importance sampling against the engine's log-probs (0 = off)
     bias_update: bool = True  # auxiliary-loss-free balancing during RL
+    precision: str = "fp32"  # fp32 | bf16 | fp8 (r1/compute.py)
+    fp8_block: int = 128  # FP8 tile edge (DeepSeek-V3: 128; a small model needs one its shapes divide)
+    gradient_checkpointing: str = "none"  # none | full | moe
     seed: int = 0
     output_dir: str = "runs/smoke/grpo"
     save_every: int = 0  # 0 = only at the end
@@ -138,7 +141,7 @@ def micro_batch_logprobs(cfg: TrainConfig, ids: Tensor, attn: Tensor, prompt_len
                          model: nn.Module, i: int) -> tuple[None, Tensor]:
     """Micro-batch i's completion log-probs without gradients (the policy before the update, the reference)."""
     sl = slice(i * cfg.micro_batch, (i + 1) * cfg.micro_batch)
-    with torch.no_grad(), dist.autocast():
+    with torch.no_grad():
         return None, sequence_logprobs(model, ids[sl], attn[sl], prompt_len, cfg.temperature, share_prompts=share)[0]
 
 
@@ -146,9 +149,8 @@ def micro_batch_loss(policy: nn.Module, cfg: TrainConfig, b: UpdateBatch, dist: 
                      i: int) -> tuple[Tensor, dict[str, Tensor]]:
     """Micro-batch i's policy loss and metrics (run by r1.cpu.micro_batches, maybe on a worker thread)."""
     sl = slice(i * cfg.micro_batch, (i + 1) * cfg.micro_batch)
-    with dist.autocast():
-        lp, ent = sequence_logprobs(policy, b.ids[sl], b.attn[sl], b.prompt_len, cfg.temperature, with_entropy=True,
-                                    share_prompts=share)
+    lp, ent = sequence_logprobs(policy, b.ids[sl], b.attn[sl], b.prompt_len, cfg.temperature, with_entropy=True,
+                                share_prompts=share)
     cmask = b.cmask[sl]
     loss, m = grpo.policy_loss(
         lp, lp.detach() if b.old is None else b.old[sl], b.adv[sl], cmask,
@@ -178,23 +180,6 @@ def pack(prompts: list[list[int]], completions: list[list[int]], logps: list[lis
     return ids, attn, cmask, elogp, P
 
 
-class JsonlLogger:
-    """One JSON line per step. A fresh run starts a fresh file; a resumed one keeps the lines up to its step (a run
-    killed after logging but before checkpointing would otherwise leave those steps in the file twice)."""
-
-    def __init__(self, path: Path, resume_step: int = 0):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] \
-            if resume_step and path.exists() else []
-        self.f = open(path, "w")  # noqa: SIM115 - kept open for the run
-        self.f.write("".join(line + "\n" for line in kept))
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
-        self.f.write(json.dumps({"step": step, **clean}) + "\n")
-        self.f.flush()
-
-
 def check(cfg: TrainConfig) -> None:
     """Choices named in the recipe exist, before anything loads: one line naming the bad value."""
     from rollouts import ENGINES
@@ -205,6 +190,7 @@ def check(cfg: TrainConfig) -> None:
         if getattr(cfg, name) not in known:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; known: {', '.join(known)}")
     render(cfg.template, "")
+    check_compute(cfg.model, cfg.precision, cfg.fp8_block, cfg.gradient_checkpointing)
     if cfg.reward_weights is not None and len(cfg.rewards) != len(cfg.reward_weights):
         raise ValueError(f"{len(cfg.rewards)} rewards but {len(cfg.reward_weights)} reward_weights")
     if cfg.group_size < 2:
@@ -280,7 +266,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
     rows = smoke_rl_rows(seed=cfg.seed) if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key or cfg.prompt_key), cfg.dataset_config)
-    policy = accelerate(load_policy(cfg.model), dist.device).to(dist.device).train()
+    policy = accelerate(load_policy(cfg.model), dist.device)
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     out_dir = Path(cfg.output_dir)
     resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \
@@ -292,11 +278,13 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, str(out_dir / "config.yaml"))
+    policy = apply_precision(policy, cfg.precision, cfg.fp8_block).to(dist.device).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None  # full copy, not sharded
     # under FSDP the torch engine decodes with its own unsharded replica: ranks stop decoding at different steps, and
     # a sharded model would need every rank in every forward; the replica is refreshed after each update
     replica = copy.deepcopy(policy).eval().requires_grad_(False) if dist.fsdp else None
-    policy = dist.wrap(policy)  # FSDP2 shards in place when launched so; before the optimizer sees the parameters
+    apply_activation_checkpointing(policy, cfg.gradient_checkpointing)
+    policy = dist.wrap(policy, cfg.precision)  # FSDP2 shards in place when launched so; before the optimizer
     engine = accelerate_engine(make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok))
     opt = OPTIMIZERS[cfg.optim](policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -450,9 +438,11 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
     n_mb = -(-ids.shape[0] // mb)
     # the log-probs before the update (mu > 1) and the reference's, micro-batches side by side as well
     logprobs_of = functools.partial(micro_batch_logprobs, cfg, ids, attn, P, dist, share)  # (model, i)
-    old = torch.cat(micro_batches(functools.partial(logprobs_of, policy), n_mb, run.params, run.workers)) \
+    # the precision context (r1.compute) around each micro-batch's forward and backward, on its own thread
+    ctx = functools.partial(compute_context, cfg.precision, dist.device, dist.fsdp)
+    old = torch.cat(micro_batches(functools.partial(logprobs_of, policy), n_mb, run.params, run.workers, ctx)) \
         if cfg.mu > 1 else None
-    ref_lp = torch.cat(micro_batches(functools.partial(logprobs_of, run.ref), n_mb, run.params, run.workers)) \
+    ref_lp = torch.cat(micro_batches(functools.partial(logprobs_of, run.ref), n_mb, run.params, run.workers, ctx)) \
         if run.ref is not None else None
     batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
     step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
@@ -460,7 +450,7 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
     metrics: dict[str, float] = {}
     for _ in range(cfg.mu):
         run.opt.zero_grad(set_to_none=True)
-        for i, m in enumerate(micro_batches(step_fn, n_mb, run.params, run.workers)):
+        for i, m in enumerate(micro_batches(step_fn, n_mb, run.params, run.workers, ctx)):
             w = cmask[i * mb:(i + 1) * mb].sum().item() / max(1, n_tok_local)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w

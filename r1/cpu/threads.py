@@ -36,9 +36,12 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool): 
 
 
 def micro_batches(fn: Callable[[int], tuple[Tensor | None, Any]], n: int, params: Sequence[Tensor],
-                  workers: int = 1) -> list[Any]:
+                  workers: int = 1,
+                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[Any]:
     """Run fn(i) -> (loss, out) for the micro-batches i = 0..n-1; add the gradient of every loss to the params'
-    .grad and return the outs in order. A loss of None takes no gradient (log-probs under no_grad).
+    .grad and return the outs in order. A loss of None takes no gradient (log-probs under no_grad). `context()`
+    is entered around each micro-batch's forward AND backward, on the thread that runs them (r1.compute's
+    precision context is thread-local and must hold in backward too).
 
     workers == 1: in order on this thread, loss.backward() after each.
     workers == W > 1 (CPU): W threads, each with 1/W of torch's intra-op threads; micro-batch i runs on thread
@@ -54,9 +57,10 @@ def micro_batches(fn: Callable[[int], tuple[Tensor | None, Any]], n: int, params
     if workers <= 1 or n <= 1:
         outs = []
         for i in range(n):
-            loss, out = fn(i)
-            if loss is not None:
-                loss.backward()
+            with context():
+                loss, out = fn(i)
+                if loss is not None:
+                    loss.backward()
             outs.append(out)
         return outs
     global _POOL
@@ -68,9 +72,10 @@ def micro_batches(fn: Callable[[int], tuple[Tensor | None, Any]], n: int, params
         total: list[Tensor | None] = [None] * len(params)
         outs = {}
         for i in range(w, n, W):
-            loss, outs[i] = fn(i)
-            if loss is not None:
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            with context():
+                loss, outs[i] = fn(i)
+                grads = torch.autograd.grad(loss, params, allow_unused=True) if loss is not None else None
+            if grads is not None:
                 total = [a if g is None else g if a is None else a + g for a, g in zip(total, grads, strict=True)]
         return total, outs
 

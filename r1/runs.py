@@ -1,0 +1,63 @@
+"""What the two training entry points (GRPO in r1.trainer, SFT in r1.sft) share, so that both run on the same
+machinery: the compute keys checked before anything loads, the model made ready to train in this process
+(precision, activation checkpointing, device, sharding), and the metrics file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from r1.compute import apply_activation_checkpointing, apply_precision, check_checkpointing, check_precision
+from r1.parallel import Dist
+
+
+def policy_config(name_or_dir: str) -> Any:
+    """The native V3 config of a preset or a local V3 model directory (read from config.json, no weights); None
+    for any other model (a transformers policy, or a hub id not fetched yet)."""
+    from r1.model.config import PRESETS, V3Config, load_config
+
+    if name_or_dir in PRESETS:
+        return load_config(name_or_dir)
+    p = Path(name_or_dir)
+    if not (p / "config.json").is_file():
+        return None
+    from r1.policy import model_config
+
+    return V3Config.from_json(p) if model_config(p).get("model_type") == "deepseek_v3" else None
+
+
+def check_compute(model: str, precision: str, fp8_block: int, gradient_checkpointing: str) -> None:
+    """The compute keys of a recipe, one line each, before anything loads."""
+    check_precision(precision, policy_config(model), fp8_block)
+    check_checkpointing(gradient_checkpointing)
+
+
+def prepare_model(model: nn.Module, dist: Dist, precision: str, fp8_block: int,
+                  gradient_checkpointing: str) -> nn.Module:
+    """In order: the precision layer (fp8 linears and experts swapped in), activation checkpointing, the device,
+    then FSDP2 sharding when launched so (bf16 compute through its MixedPrecisionPolicy). Call it after the CPU
+    layer (r1.cpu.accelerate), whose modules the fp8 swap replaces, and before the optimizer sees the parameters."""
+    model = apply_precision(model, precision, fp8_block)
+    apply_activation_checkpointing(model, gradient_checkpointing)
+    return dist.wrap(model.to(dist.device).train(), precision)
+
+
+class JsonlLogger:
+    """One JSON line per step. A fresh run starts a fresh file; a resumed one keeps the lines up to its step (a run
+    killed after logging but before checkpointing would otherwise leave those steps in the file twice)."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] \
+            if resume_step and path.exists() else []
+        self.f = open(path, "w")  # noqa: SIM115 - kept open for the run
+        self.f.write("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+        self.f.write(json.dumps({"step": step, **clean}) + "\n")
+        self.f.flush()
