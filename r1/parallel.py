@@ -68,6 +68,10 @@ class Dist:
         t = self.all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device))
         return {k: v / self.world for k, v in zip(keys, t.tolist(), strict=True)}
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective)."""
+        return bool(self.all_reduce(torch.tensor(int(flag), device=self.device), "max").item())
+
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]

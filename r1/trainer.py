@@ -213,7 +213,6 @@ class Run:
     dist: Dist
     policy: nn.Module
     ref: nn.Module | None  # frozen reference (beta > 0)
-    replica: nn.Module | None  # the engine's unsharded copy under FSDP
     engine: Any
     tok: Any
     opt: torch.optim.Optimizer
@@ -280,17 +279,17 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
         save_config(cfg, str(out_dir / "config.yaml"))
     policy = apply_precision(policy, cfg.precision, cfg.fp8_block).to(dist.device).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None  # full copy, not sharded
-    # under FSDP the torch engine decodes with its own unsharded replica: ranks stop decoding at different steps, and
-    # a sharded model would need every rank in every forward; the replica is refreshed after each update
-    replica = copy.deepcopy(policy).eval().requires_grad_(False) if dist.fsdp else None
     apply_activation_checkpointing(policy, cfg.gradient_checkpointing)
     policy = dist.wrap(policy, cfg.precision)  # FSDP2 shards in place when launched so; before the optimizer
-    engine = accelerate_engine(make_engine(cfg.engine, model=policy if replica is None else replica, tokenizer=tok))
+    # the torch engine decodes with the policy itself; under FSDP2 its ranks decode in lockstep (every forward is a
+    # collective), so no rank ever holds an unsharded copy
+    lockstep = {"lockstep": dist.any} if dist.fsdp and cfg.engine == "torch" else {}
+    engine = accelerate_engine(make_engine(cfg.engine, model=policy, tokenizer=tok, **lockstep))
     opt = OPTIMIZERS[cfg.optim](policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)  # the same order on every rank; each reads its own slice
-    run = Run(cfg, dist, policy, ref, replica, engine, tok, opt, sched,
+    run = Run(cfg, dist, policy, ref, engine, tok, opt, sched,
               params=[p for p in policy.parameters() if p.requires_grad],
               workers=update_workers(cfg.update_workers, dist.device, dist.fsdp), reward_set=reward_set,
               sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens),
@@ -314,11 +313,14 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
 
 def draw_prompts(run: Run, pos: Position, n: int) -> list[dict[str, Any]] | None:
     """This rank's next n rows. Each rank reads its own slot of the global cursor, the size of the largest n over
-    the ranks (a collective: every rank makes the same calls); None when no rank needs any."""
+    the ranks (a collective: every rank makes the same calls); None when no rank needs any. A lockstep engine
+    (FSDP2) has every rank generate in every call, so each takes its whole slot (keep_groups drops the surplus)."""
     dist = run.dist
     slot = int(dist.all_reduce(torch.tensor(n, device=dist.device), "max").item())
     if slot <= 0:
         return None
+    if getattr(run.engine, "lockstep", None) is not None:
+        n = slot
     batch = [run.rows[run.order[(pos.cursor + dist.rank * slot + i) % len(run.order)]] for i in range(n)]
     pos.cursor += slot * dist.world
     return batch
@@ -473,10 +475,7 @@ def balance_and_sync(run: Run, step: int) -> dict[str, float]:
         for m in policy.modules():
             if hasattr(m, "tokens_per_expert"):
                 m.tokens_per_expert.zero_()
-    if run.replica is not None:
-        run.replica.load_state_dict(dist.full_state(policy, everywhere=True)[0])
-    else:
-        run.engine.load_weights(engine_weights(policy, run.engine))  # no-op when the engine shares the policy
+    run.engine.load_weights(engine_weights(policy, run.engine))  # no-op when the engine shares the policy
     if run.ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
         run.ref.load_state_dict(dist.full_state(policy, everywhere=True)[0])
     return metrics

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -98,11 +98,15 @@ def _eos_ids(model: nn.Module, tokenizer: object | None) -> list[int]:
 
 class TorchEngine:
     """Rollouts from a torch model on its own device. `model` may be the trainer's policy object itself
-    (CPU colocation): generation switches it to eval + inference mode and restores train mode after."""
+    (CPU colocation): generation switches it to eval + inference mode and restores train mode after.
+    `lockstep` (a model sharded by FSDP2, whose every forward is a collective): called after each decode step with
+    whether this process still decodes, it returns whether any process does; a process that is done keeps one
+    finished row decoding (its tokens discarded) until every process is, so all run the same number of forwards.
+    The caller makes every process call generate the same number of times."""
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
+                 pad_token_id: int | None = None, lockstep: Callable[[bool], bool] | None = None):
+        self.model, self.tokenizer, self.lockstep = model, tokenizer, lockstep
         self.eos_ids = _eos_ids(model, tokenizer) if eos_token_id is None else \
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         pad = getattr(tokenizer, "pad_token_id", None) if pad_token_id is None else pad_token_id
@@ -121,7 +125,8 @@ class TorchEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            # FSDP2 (lockstep) reuses its all-gather buffers in training, which inference tensors could not be
+            with torch.no_grad() if self.lockstep is not None else torch.inference_mode():
                 tokens_NM, logps_NM, lengths_N, stopped_N = self._run(prompt_ids, sampling, n)
         finally:
             self.model.train(was_training)
@@ -167,13 +172,16 @@ class TorchEngine:
         live_B = torch.arange(N, device=dev)
         with self._decoding(N):
             for t in range(M):
-                noise_BV = noise.next(live, live_B) if noise is not None else None
-                tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live], noise_BV)
-                tokens_NM[live_B, t], logps_NM[live_B, t] = tok_B, lp_B
-                if t == M - 1:
+                if live:
+                    noise_BV = noise.next(live, live_B) if noise is not None else None
+                    tok_B, lp_B = sample(logits_BV, sp, [gens[i] for i in live], noise_BV)
+                    tokens_NM[live_B, t], logps_NM[live_B, t] = tok_B, lp_B
+                else:  # lockstep: the kept finished row only keeps the forwards in step
+                    tok_B = logits_BV.argmax(-1)
+                if t == M - 1 or self.lockstep is not None and not self.lockstep(bool(live)):
                     break
-                done = torch.isin(tok_B, stop_ids).tolist() if can_stop else []
-                if sp.stop:  # stop strings need the text: only the tail that a new match could end in
+                done = torch.isin(tok_B, stop_ids).tolist() if can_stop and live else []
+                if sp.stop and live:  # stop strings need the text: only the tail that a new match could end in
                     done = [d or self._tail_has_stop(tokens_NM[i, :t + 1], sp.stop)
                             for d, i in zip(done, live, strict=True)]
                 if any(done):
@@ -181,12 +189,13 @@ class TorchEngine:
                         if done[b]:
                             lengths_N[i], stopped_N[i] = t + 1, True
                     keep = [b for b, d in enumerate(done) if not d]
-                    if not keep:
+                    if not keep and self.lockstep is None:
                         break
-                    keep_B = torch.as_tensor(keep, device=dev)
+                    keep_B = torch.as_tensor(keep or [0], device=dev)
                     stepper.select(keep_B)  # finished rows leave the batch and the cache
-                    live, tok_B, mask_BS = [live[b] for b in keep], tok_B[keep_B], mask_BS[keep_B]
-                    live_B = torch.as_tensor(live, device=dev)
+                    tok_B, mask_BS = tok_B[keep_B], mask_BS[keep_B]
+                    live = [live[b] for b in keep]
+                    live_B = torch.as_tensor(live, dtype=torch.long, device=dev)
                 logits_BV = stepper.decode(tok_B, mask_BS[:, :Tp + t + 1])
         if M and live and can_stop:  # rows alive at the last step may still have ended on a stop token / string
             last = tokens_NM[live_B, M - 1]
@@ -222,6 +231,9 @@ class TorchEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Copy HF-named tensors into the engine's model; any subset may come (buckets), unknown names raise.
         Tensors that already are the model's own storage (engine sharing the trainer's model) are skipped."""
+        named_tensors = list(named_tensors)
+        if not named_tensors:  # (a sharded model's storages are not all readable between forwards)
+            return
         own = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         fresh = [(k, t) for k, t in named_tensors if t.untyped_storage().data_ptr() not in own]
         if not fresh:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _v3ref import randomize
@@ -132,6 +134,34 @@ def test_finished_rows_leave_the_batch_and_stay_exact(model, monkeypatch):
         assert r.finish_reason == ("stop" if stop_id in ref else "length")
     assert sizes[0] == 4 and sizes[-1] < 4 and sizes == sorted(sizes, reverse=True)
     assert len(sizes) == max(len(r.token_ids) for r in out) - 1  # no step after the last row finished
+
+
+def test_lockstep_keeps_decoding_until_every_process_is_done(model, monkeypatch):
+    """Under FSDP2 every forward is a collective: with lockstep, a process whose rows have all stopped keeps one
+    row decoding (discarded) while another process still decodes, and stops with it; its samples are unchanged."""
+    ps = prompts(lens=(4, 9))
+    sp = SamplingParams(temperature=1.0, max_tokens=30, seed=3)
+    stop_id = [argmax_reference(model, ps[0], 3)[2], argmax_reference(model, ps[1], 5)[4]]
+    alone = TorchEngine(model, eos_token_id=stop_id).generate(ps, dataclasses.replace(sp, temperature=0))
+    assert max(len(r.token_ids) for r in alone) < 29  # both rows stop early on their own
+    sizes: list[int] = []
+    decode = V3Stepper.decode
+    monkeypatch.setattr(V3Stepper, "decode", lambda self, tok, mask: sizes.append(len(tok)) or decode(self, tok, mask))
+    others_until = 20  # "another process" decodes until step 20
+    calls: list[bool] = []
+
+    def lockstep(live: bool) -> bool:
+        calls.append(live)
+        return live or len(calls) < others_until
+
+    stepped = TorchEngine(model, eos_token_id=stop_id, lockstep=lockstep).generate(
+        ps, dataclasses.replace(sp, temperature=0))
+    assert [r.token_ids for r in stepped] == [r.token_ids for r in alone]
+    assert [r.finish_reason for r in stepped] == [r.finish_reason for r in alone]
+    assert len(calls) == others_until and len(sizes) == others_until - 1  # one forward per lockstep round
+    assert sizes[-1] == 1 and not calls[-1]  # the kept finished row
+    free = TorchEngine(model, lockstep=lambda live: live).generate(ps, sp)
+    assert [r.token_ids for r in free] == [r.token_ids for r in TorchEngine(model).generate(ps, sp)]
 
 
 def test_latent_cache_bytes_per_token():

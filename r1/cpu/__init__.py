@@ -52,8 +52,9 @@ def accelerate(model: nn.Module, device: torch.device | str | None = None) -> nn
 
 
 def accelerate_engine(engine: Engine) -> Engine:
-    """A TorchEngine whose model is on the CPU -> a CPUTorchEngine of the same model; any other engine as it is."""
-    if type(engine) is TorchEngine and next(engine.model.parameters()).device.type == "cpu":
+    """A TorchEngine whose model is on the CPU -> a CPUTorchEngine of the same model; any other engine as it is, and
+    a lockstep one (FSDP2: its decode worker would need an unsharded copy)."""
+    if type(engine) is TorchEngine and engine.lockstep is None and next(engine.model.parameters()).device.type == "cpu":
         return CPUTorchEngine.from_engine(engine)
     return engine
 
