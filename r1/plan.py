@@ -11,7 +11,7 @@ each decoder block and the root are FSDP units, as r1/parallel.py wraps them):
   every rank (1 byte per weight plus a scale per 128x128 block);
 - the activations autograd saves for backward for `micro_batch_tokens` tokens (one packed causal batch, no padding
   mask), layer by layer as r1/model/model.py computes it, plus the output head's working set (r1/logprobs.py: one
-  chunk of fp32 log-softmax rows and, off the pure-fp32 single-GPU path, the fp32 head weight gradient).
+  chunk of fp32 log-softmax rows and the head weight gradient's fp32 buffer).
 The micro-batch is one after the first of an optimizer step (gradient accumulation): gradients exist while the
 activations are built, so the components add up. The update is GRPO's (r1/trainer.py): the MTP modules hold
 parameters but run no forward and get no gradient or optimizer state; mtp=true plans SFT with the MTP loss.
@@ -228,14 +228,19 @@ def plan(c: V3Config, spec: PlanSpec) -> MemoryPlan:
     rows = min(T, LOGPROB_CHUNK)
     head = sh.norm(D) + a * D + 4 * c.qk_rope_head_dim  # final norm, the head's input, rope (complex, shared)
     head_T = rows * Vocab * 4 + (rows * Vocab * a if a != 4 else 0) + a * D * T  # log-softmax rows, grad of h
-    head_grad_buffer = 4 * Vocab * D if (N > 1 or a != 4) else 0  # fp32 head gradient, before cast / reduce
+    # the head's weight gradient is accumulated in an fp32 buffer, then cast, reduce-scattered or (gradients held
+    # from an earlier micro-batch) added into .grad: a second copy beside the gradient itself in every case
+    head_grad_buffer = 4 * Vocab * D
     n_mtp = c.num_nextn_predict_layers if spec.mtp else 0
     mtp_per_token = n_mtp * (2 * sh.norm(D) + 2 * a * D + attn + moe + routed + sh.norm(D) + a * D)
 
+    act_head = (head + mtp_per_token) * T + head_T * (1 + n_mtp) + head_grad_buffer
     recompute = 0.0
     if spec.gradient_checkpointing == "full":
-        # only each block's input is kept; one block's activations are rebuilt at a time in backward
-        recompute = max(attn + dense if n_dense else 0, attn + moe + routed if n_moe else 0) * T
+        # only each block's input is kept; one block's activations are rebuilt at a time in backward, after the
+        # head's buffers are gone: the peak holds the larger of the two (the row is the excess over the head's)
+        block = max(attn + dense if n_dense else 0, attn + moe + routed if n_moe else 0) * T
+        recompute = max(block - act_head, 0)
         layer_attn, layer_mlp, layer_routed = c.num_hidden_layers * a * D, 0, 0
     elif spec.gradient_checkpointing == "moe":
         recompute = routed * T if n_moe else 0
@@ -252,7 +257,7 @@ def plan(c: V3Config, spec: PlanSpec) -> MemoryPlan:
         act_attention=layer_attn * T,
         act_mlp=layer_mlp * T,
         act_experts=layer_routed * T,
-        act_head=(head + mtp_per_token) * T + head_T * (1 + n_mtp) + head_grad_buffer,
+        act_head=act_head,
         act_recompute=recompute,
     )
 
