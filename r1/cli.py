@@ -33,7 +33,7 @@ def cmd_model(args: argparse.Namespace) -> int:
           f"micro-batch, gradient checkpointing {spec.gradient_checkpointing}, {spec.optim}")
     print(p.table())
     if not p.fits:
-        print(f"r1 model: {p.verdict()}", file=sys.stderr)
+        print(f"r1 model: error: {p.verdict()}", file=sys.stderr)
         return 1
     print(p.verdict())
     return 0

@@ -124,7 +124,7 @@ def test_cli_plan_deepseek_v3_and_moonlight() -> None:
     # 671B parameters with FSDP alone: one MoE block gathered is 11B parameters; it cannot fit an H100
     assert r.returncode == 1 and not p.fits
     err = r.stderr.strip()
-    assert err.startswith("r1 model: does not fit:") and "\n" not in err, err
+    assert err.startswith("r1 model: error: does not fit:") and "\n" not in err, err
     r = r1_model(str(CONFIGS / "moonlight-16b-a3b.config.json"), "--plan", "gpus=8", "precision=bf16",
                  "micro_batch_tokens=4096", "gradient_checkpointing=full", "gpu=h200")
     assert r.returncode == 0, r.stderr
