@@ -4,9 +4,9 @@ What one GPU holds at the peak of an update micro-batch under FSDP2 over `gpus` 
 each decoder block and the root are FSDP units, as r1/parallel.py wraps them):
 - fp32 master parameters, fp32 gradients and AdamW's two moments, each 1/N (the moments bf16 with optim=adamw_bf16);
 - the unsharded compute copies FSDP2 all-gathers in param_dtype (bf16 for bf16/fp8, fp32 for fp32): the root (kept
-  gathered from forward to the end of backward) and two blocks (the one computing and the one prefetched), plus one
-  unit's unsharded gradient and its fp32 reduce-scatter buffer; on one GPU there is no FSDP, and bf16 keeps a bf16
-  copy of every weight (autocast's cast cache);
+  gathered from forward to the end of backward) and two blocks (the one computing and the next one's all-gather
+  buffer), plus what one unit's unsharded gradient and its fp32 reduce-scatter input add beyond the activations
+  freed by then; on one GPU there is no FSDP, and bf16 keeps a bf16 copy of every weight (autocast's cast cache);
 - fp8: every fp8 linear's and expert's quantised weight, saved by r1/fp8.py for backward from its forward on, on
   every rank (1 byte per weight plus a scale per 128x128 block);
 - the activations autograd saves for backward for `micro_batch_tokens` tokens (one packed causal batch, no padding
@@ -63,7 +63,7 @@ class MemoryPlan:
     optimizer: float
     gathered_weights: float  # FSDP2's unsharded compute copies (or one GPU's bf16 weight copies)
     fp8_weights: float
-    grad_reduce: float  # one unit's unsharded gradient + its reduce-scatter buffer (FSDP2 only)
+    grad_reduce: float  # one unit's unsharded gradient + reduce-scatter input beyond the freed activations (FSDP2)
     act_attention: float  # MLA + the two RMSNorms per layer
     act_mlp: float  # dense MLPs, router, shared experts
     act_experts: float  # routed experts (the K-times expanded rows)
@@ -209,12 +209,8 @@ def plan(c: V3Config, spec: PlanSpec) -> MemoryPlan:
     blocks = [sh.block_params(False)] * n_dense + [sh.block_params(True)] * n_moe
     root = size.total - sum(blocks)
     biggest_block = max(blocks, default=0)
-    if N > 1:
-        gathered = a * (root + 2 * biggest_block)
-        grad_reduce = (a + 4) * max(root, biggest_block)
-    else:
-        gathered = 2 * size.total if a == 2 else 0
-        grad_reduce = 0
+    # the root stays gathered through backward; a block computes while the next one's all-gather buffer fills
+    gathered = a * (root + 2 * biggest_block) if N > 1 else (2 * size.total if a == 2 else 0)
     fp8_params = n_dense * sh.block_fp8_params(False) + n_moe * sh.block_fp8_params(True)
     if spec.mtp:
         fp8_params += c.num_nextn_predict_layers * sh.block_fp8_params(True)
@@ -245,6 +241,14 @@ def plan(c: V3Config, spec: PlanSpec) -> MemoryPlan:
     elif spec.gradient_checkpointing == "moe":
         recompute = routed * T if n_moe else 0
         layer_routed = 0
+
+    grad_reduce = 0.0
+    if N > 1:
+        # a unit's unsharded gradient (param_dtype) and its fp32 reduce-scatter input exist after the unit's backward,
+        # when the head's buffers and that block's activations (or, for the root, all of them) are gone already
+        per_layer = (layer_attn + layer_mlp + layer_routed) * T / max(c.num_hidden_layers, 1)
+        grad_reduce = max(0.0, (a + 4) * biggest_block - act_head - recompute - per_layer,
+                          (a + 4) * root - act_head - recompute - (layer_attn + layer_mlp + layer_routed) * T)
 
     return MemoryPlan(
         spec=spec,
