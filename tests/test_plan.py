@@ -90,6 +90,47 @@ def test_plan_within_20_percent_of_measured_peak(shape: str, checkpointing: str,
     assert abs(p.total / got["Total"] - 1) <= 0.2, report
 
 
+def test_plan_within_20_percent_under_fsdp2_bf16() -> None:
+    """The sharded case: FSDP2 over a fake world of 4 ranks (FakeStore: collectives move no data, memory is real),
+    bf16 param_dtype and fp32 gradient reduction as r1/parallel.py sets them, FSDPMemTracker's per-rank peak."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    c, tokens = SHAPES["moe"]
+    torch.distributed.init_process_group("fake", rank=0, world_size=4, store=FakeStore())
+    try:
+        torch.manual_seed(0)
+        model = V3ForCausalLM(c).train()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(0, c.vocab_size, (1, tokens + 1))
+
+        def micro_batch() -> None:
+            h = model(ids[:, :-1], mtp=False).hidden
+            logp, _ = token_logprobs(h, model.lm_head.weight, ids[:, 1:])
+            (-logp.mean()).backward()
+
+        micro_batch()
+        opt.step()
+        tracker = FSDPMemTracker(model, opt)
+        with tracker:
+            micro_batch()
+            opt.step()
+        got = {getattr(k, "value", k): float(v)
+               for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+    finally:
+        torch.distributed.destroy_process_group()
+    p = plan(c, PlanSpec(gpus=4, precision="bf16", micro_batch_tokens=tokens))
+    report = f"plan {p.total / 2**20:.2f} MiB vs measured {got['Total'] / 2**20:.2f} MiB ({got})"
+    assert p.parameters == got["Sharded Param"] and p.gradients == got["Sharded Grad"], report
+    assert p.gathered_weights >= got["Unsharded Param"], report
+    assert abs(p.total / got["Total"] - 1) <= 0.2, report
+
+
 def test_plan_components_follow_the_settings() -> None:
     """Sharding divides the states by N; bf16 halves the saved activations; checkpointing and bf16 moments shrink
     what they should and nothing else."""
