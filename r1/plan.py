@@ -68,7 +68,7 @@ class MemoryPlan:
     act_mlp: float  # dense MLPs, router, shared experts
     act_experts: float  # routed experts (the K-times expanded rows)
     act_head: float  # final norm, head input, log-softmax chunk, head gradient buffer, rope
-    act_recompute: float  # one layer's dropped activations, rebuilt during a checkpointed backward
+    act_recompute: float  # what one block's (or its experts') rebuilt activations add during a checkpointed backward
 
     def components(self) -> list[tuple[str, float]]:
         s = self.spec
@@ -210,11 +210,14 @@ def plan(c: V3Config, spec: PlanSpec) -> MemoryPlan:
     root = size.total - sum(blocks)
     biggest_block = max(blocks, default=0)
     # the root stays gathered through backward; a block computes while the next one's all-gather buffer fills
-    gathered = a * (root + 2 * biggest_block) if N > 1 else (2 * size.total if a == 2 else 0)
     fp8_params = n_dense * sh.block_fp8_params(False) + n_moe * sh.block_fp8_params(True)
     if spec.mtp:
         fp8_params += c.num_nextn_predict_layers * sh.block_fp8_params(True)
     fp8_weights = fp8_params * (1 + 4 / FP8_BLOCK**2) if sh.fp8 else 0
+    # the root stays gathered through backward; a block computes while the next one's all-gather buffer fills.
+    # One GPU: bf16 copies of the weights that do not run in fp8 (fp8 quantises the fp32 masters directly)
+    gathered = a * (root + 2 * biggest_block) if N > 1 else \
+        (2 * (size.total - (fp8_params if sh.fp8 else 0)) if a == 2 else 0)
 
     attn, dense, moe, routed = sh.attention(), sh.dense_mlp(), sh.moe_dense_part(), sh.routed()
     layer_attn = c.num_hidden_layers * attn
