@@ -11,8 +11,11 @@ from typing import Any
 
 
 def cmd_model(args: argparse.Namespace) -> int:
+    from r1.config import load_config as load_settings
     from r1.model.config import count_params, human, load_config
+    from r1.plan import PlanSpec, plan
 
+    spec = load_settings(PlanSpec, None, args.plan) if args.plan is not None else None  # bad keys: before any work
     c = load_config(args.config)
     s = count_params(c, seq_len=args.seq_len)
     print(f"{args.config}: {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), hidden {c.hidden_size}, "
@@ -23,6 +26,16 @@ def cmd_model(args: argparse.Namespace) -> int:
     print(f"  active per token      {human(s.active):>10}  ({s.active:,}; without MTP)")
     print(f"  training FLOPs/token  {human(s.train_flops_per_token):>10}  (6 x active matmul params + "
           f"causal attention at seq {s.seq_len})")
+    if spec is None:
+        return 0
+    p = plan(c, spec)
+    print(f"memory per GPU: FSDP2 over {spec.gpus} GPU(s), {spec.precision}, {spec.micro_batch_tokens} tokens per "
+          f"micro-batch, gradient checkpointing {spec.gradient_checkpointing}, {spec.optim}")
+    print(p.table())
+    if not p.fits:
+        print(f"r1 model: error: {p.verdict()}", file=sys.stderr)
+        return 1
+    print(p.verdict())
     return 0
 
 
@@ -105,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="parameters, active parameters and FLOPs of a preset, config.json or checkpoint")
     m.add_argument("config", help="preset name (tiny, smoke, bench, deepseek-v3), config.json, or a model directory")
     m.add_argument("--seq-len", type=int, default=4096)
+    m.add_argument("--plan", nargs="+", metavar="key=value",
+                   help="per-GPU training memory under FSDP2: gpus=N precision=fp32|bf16|fp8 micro_batch_tokens=T "
+                        "[gradient_checkpointing=none|full|moe] [gpu=h100|h200] [optim=adamw_torch_fused|adamw_bf16] "
+                        "[mtp=false|true]; exits 1 when it does not fit")
     m.set_defaults(func=cmd_model)
 
     from r1.eval import add_eval_args, cmd_eval

@@ -91,3 +91,25 @@ def test_config_json_not_json(model_dir: Path, tmp_path: Path) -> None:
     r = r1(["train", f"model={bad}", f"output_dir={out}"], tmp_path / "home")
     one_line_error(r, "train", str(bad / "config.json"), "not valid JSON")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("plan", "needle"), [
+    (["gpus=8", "precision=fp16", "micro_batch_tokens=4096"], "precision: expected Literal['fp32', 'bf16', 'fp8']"),
+    (["gpus=0", "precision=bf16", "micro_batch_tokens=4096"], "gpus must be >= 1, got 0"),
+    (["gpus=8", "precision=bf16", "micro_batch_tokens=4096", "nodes=2"], "unknown key 'nodes'"),
+    (["gpus=8", "precision=bf16", "micro_batch_tokens=4k"], "micro_batch_tokens: expected int, got '4k'"),
+    (["gpus=8", "precision=bf16"], "missing required key 'micro_batch_tokens'"),
+])
+def test_model_plan_bad_input(plan: list[str], needle: str, tmp_path: Path) -> None:
+    """A bad --plan setting: one line and exit 2, before the model config is even read (the path does not exist)."""
+    r = r1(["model", str(tmp_path / "no-such-config.json"), "--plan", *plan], tmp_path / "home")
+    one_line_error(r, "model", needle)
+    assert r.returncode == 2 and r.stdout == ""
+
+
+def test_model_plan_does_not_fit(tmp_path: Path) -> None:
+    """DeepSeek-V3 on one GPU: the table, then one line saying why it does not fit, exit 1."""
+    config = ROOT.parent / "shared" / "data" / "configs" / "deepseek-v3.config.json"
+    r = r1(["model", str(config), "--plan", "gpus=1", "precision=bf16", "micro_batch_tokens=4096"], tmp_path / "home")
+    one_line_error(r, "model", "does not fit", "H100 (80 GB")
+    assert r.returncode == 1 and "parameters (fp32 master, 1/1)" in r.stdout and "total" in r.stdout
