@@ -29,10 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import checkpoint
 
 from r1.model.config import V3Config
-from r1.model.model import GroupedExperts
+from r1.model.model import GroupedExperts, checkpointed
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 CHECKPOINTING = ("none", "full", "moe")
@@ -184,7 +183,7 @@ class CheckpointedExperts(GroupedExperts):
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and self.training):
             return self._inner_forward(x_NsD, counts_E)
-        return checkpoint(self._inner_forward, x_NsD, counts_E, use_reentrant=False)
+        return checkpointed(self._inner_forward, x_NsD, counts_E)
 
 
 def _checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -201,7 +200,9 @@ _CKPT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def _full(model: nn.Module) -> None:
-    if hasattr(model, "gradient_checkpointing_enable"):  # transformers
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):  # older transformers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing = True
