@@ -93,15 +93,23 @@ def check_checkpointing(mode: str, model: nn.Module | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- precision
+def _to_fp8(model: nn.Module, fp8_block: int) -> None:
+    from r1.fp8 import Fp8Config, convert_to_fp8
+
+    convert_to_fp8(model, Fp8Config(block=fp8_block))
+
+
+# what each precision does to the model's modules (bf16 is a compute dtype only: parameters stay fp32)
+CONVERT = {"fp32": lambda model, fp8_block: None, "bf16": lambda model, fp8_block: None, "fp8": _to_fp8}
+
+
 def apply_precision(model: nn.Module, precision: str, fp8_block: int = 128) -> nn.Module:
     """In place, returns the model. fp32 and bf16 leave every parameter fp32 (bf16 is a compute dtype: see
     compute_context / mixed_precision_policy); fp8 swaps the target linears and routed experts for FP8 ones
-    (r1.fp8.convert_to_fp8: same parameters, same names)."""
+    (r1.fp8.convert_to_fp8: same parameters, same names). Before apply_activation_checkpointing (the FP8 swap
+    would replace checkpointed experts); before or after r1.cpu.accelerate alike."""
     check_precision(precision, getattr(model, "config", None), fp8_block)
-    if precision == "fp8":
-        from r1.fp8 import Fp8Config, convert_to_fp8
-
-        convert_to_fp8(model, Fp8Config(block=fp8_block))
+    CONVERT[precision](model, fp8_block)
     return model
 
 
