@@ -5,14 +5,17 @@ fit one device; the per-expert GEMMs keep V3's shapes). BF16: parameters and act
 master weights, bf16 activations, the three GEMMs of every expert and shared-expert linear in E4M3 with
 V3's 1x128 / 128x128 scales. Reports tokens/s of forward+backward, the ratio, and the activation memory
 saved for backward (bytes of the tensors autograd keeps, parameters and fp8 weight copies excluded).
-On a CPU the FP8 GEMMs are the emulation (quantise, matmul in fp32 per K-block): its timings measure the
-emulation's cost, not FP8 speed; the CPU run also times fp32, the emulation's own matmul precision.
+On a CPU the FP8 GEMMs are the emulation (quantise, dequantise, matmul in fp32): its timings measure the
+emulation's cost, not FP8 speed; the CPU run also times fp32, the emulation's own matmul precision, the routed
+experts' per-expert FP8 loop (fp8_loop) beside the grouped GEMM the emulation runs, and bf16 with the GEMMs
+emulated as on a GPU (r1.compute.EmulatedBf16Gemm: a CPU without bf16 units runs real bf16 GEMMs ~100x slower).
 Usage: python bench/fp8.py [--experts 8] [--topk 2] [--tokens 4096] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 from collections.abc import Callable
@@ -23,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, report  # noqa: E402
 
-from r1.fp8 import convert_to_fp8, fp8_modules, pick_backend  # noqa: E402
+from r1.compute import EmulatedBf16Gemm  # noqa: E402
+from r1.fp8 import Fp8GroupedExperts, convert_to_fp8, fp8_modules, pick_backend  # noqa: E402
 from r1.model.config import PRESETS  # noqa: E402
 from r1.model.model import MoE  # noqa: E402
 
@@ -70,23 +74,33 @@ def main() -> None:
     layers = {"bf16": copy.deepcopy(base).to(torch.bfloat16), "fp8": convert_to_fp8(copy.deepcopy(base))}
     if not cuda:
         layers["fp32"] = base
+    if backend == "emulated":
+        layers["fp8_loop"] = convert_to_fp8(copy.deepcopy(base))
+        for m in layers["fp8_loop"].modules():
+            if isinstance(m, Fp8GroupedExperts):
+                m.grouped = False
     x = torch.randn(1, args.tokens, c.hidden_size, device=dev, dtype=torch.bfloat16)
-    dtype_of = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}
+    dtype_of = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp8_loop": torch.bfloat16, "fp32": torch.float32}
+
+    def gemms() -> contextlib.AbstractContextManager:
+        return EmulatedBf16Gemm() if not cuda else contextlib.nullcontext()
 
     def step_fn(name: str) -> Callable[[], None]:
         layer, xin = layers[name], x.to(dtype_of[name]).requires_grad_()
 
         def step() -> None:
-            y, _ = layer(xin)
-            y.float().square().mean().backward()
+            with gemms():
+                y, _ = layer(xin)
+                y.float().square().mean().backward()
             layer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
         return step
 
     secs = alternate({k: step_fn(k) for k in layers}, repeats=args.repeats)
-    act = {k: saved_activation_bytes(layers[k], lambda k=k: layers[k](x.to(dtype_of[k]).requires_grad_())[0])
-           for k in layers}
+    with gemms():
+        act = {k: saved_activation_bytes(layers[k], lambda k=k: layers[k](x.to(dtype_of[k]).requires_grad_())[0])
+               for k in layers}
     rows = {k: {"tokens_per_s": args.tokens / s, "seconds": s, "saved_activation_MiB": act[k] / 2**20}
             for k, s in secs.items()}
     ratio = secs["bf16"] / secs["fp8"]
@@ -101,6 +115,8 @@ def main() -> None:
           f"{saved:.1%}")
     if "fp32" in secs:
         print(f"  fp8 emulation / fp32 speed: {secs['fp32'] / secs['fp8']:.2f}x")
+    if "fp8_loop" in secs:
+        print(f"  routed experts as one grouped GEMM / per-expert loop speed: {secs['fp8_loop'] / secs['fp8']:.2f}x")
     report("fp8_moe_layer", rows, {"device": dev.type, "backend": backend, "emulated": backend == "emulated",
                                    "experts": args.experts, "topk": args.topk, "tokens": args.tokens,
                                    "hidden": c.hidden_size, "expert_width": c.moe_intermediate_size,

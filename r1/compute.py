@@ -29,10 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import checkpoint
 
 from r1.model.config import V3Config
-from r1.model.model import GroupedExperts
+from r1.model.model import GroupedExperts, checkpointed
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 CHECKPOINTING = ("none", "full", "moe")
@@ -94,15 +93,23 @@ def check_checkpointing(mode: str, model: nn.Module | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- precision
+def _to_fp8(model: nn.Module, fp8_block: int) -> None:
+    from r1.fp8 import Fp8Config, convert_to_fp8
+
+    convert_to_fp8(model, Fp8Config(block=fp8_block))
+
+
+# what each precision does to the model's modules (bf16 is a compute dtype only: parameters stay fp32)
+CONVERT = {"fp32": lambda model, fp8_block: None, "bf16": lambda model, fp8_block: None, "fp8": _to_fp8}
+
+
 def apply_precision(model: nn.Module, precision: str, fp8_block: int = 128) -> nn.Module:
     """In place, returns the model. fp32 and bf16 leave every parameter fp32 (bf16 is a compute dtype: see
     compute_context / mixed_precision_policy); fp8 swaps the target linears and routed experts for FP8 ones
-    (r1.fp8.convert_to_fp8: same parameters, same names)."""
+    (r1.fp8.convert_to_fp8: same parameters, same names). Before apply_activation_checkpointing (the FP8 swap
+    would replace checkpointed experts); before or after r1.cpu.accelerate alike."""
     check_precision(precision, getattr(model, "config", None), fp8_block)
-    if precision == "fp8":
-        from r1.fp8 import Fp8Config, convert_to_fp8
-
-        convert_to_fp8(model, Fp8Config(block=fp8_block))
+    CONVERT[precision](model, fp8_block)
     return model
 
 
@@ -184,7 +191,7 @@ class CheckpointedExperts(GroupedExperts):
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and self.training):
             return self._inner_forward(x_NsD, counts_E)
-        return checkpoint(self._inner_forward, x_NsD, counts_E, use_reentrant=False)
+        return checkpointed(self._inner_forward, x_NsD, counts_E)
 
 
 def _checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -201,7 +208,9 @@ _CKPT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def _full(model: nn.Module) -> None:
-    if hasattr(model, "gradient_checkpointing_enable"):  # transformers
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):  # older transformers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing = True

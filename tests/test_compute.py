@@ -7,9 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _v3ref import randomize
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from r1.compute import (
     EmulatedBf16Gemm,
+    apply_activation_checkpointing,
     apply_precision,
     check_precision,
     compute_context,
@@ -226,3 +230,85 @@ def test_good_precisions_pass():
         check_precision(p, None, 128)
     check_precision("fp8", PRESETS["smoke"], 32)
     check_precision("fp8", PRESETS["deepseek-v3"], 128)
+
+
+# ---------------------------------------------------------------------------------------------- checkpointing
+class PeakBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated inside the block and still alive, counted at the dispatch level as
+    torch's MemTracker counts them (storages, not views; a storage is freed when its last tensor goes), without
+    MemTracker's per-module bookkeeping (several times slower; it also refuses modules called twice a step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[StorageWeakRef, int] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ref in [r for r in self.live if r.expired()]:
+            self.now -= self.live.pop(ref)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (ref := StorageWeakRef(t.untyped_storage())) not in self.live:
+                self.live[ref] = t.untyped_storage().nbytes()
+                self.now += self.live[ref]
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def _peak_and_grads(mode: str, precision: str = "fp32", tokens: tuple[int, int] = (8, 64)):
+    """One forward + backward with gradient_checkpointing=mode: the peak bytes it allocates, the gradients and the
+    MoE load counts. Experts wide enough (I 256, top-4) that theirs are a good part of the activations."""
+    torch.manual_seed(0)
+    c = PRESETS["smoke"].replace(moe_intermediate_size=256, num_experts_per_tok=4, n_group=1, topk_group=1)
+    m = apply_activation_checkpointing(_accelerated(randomize(V3ForCausalLM(c)).train(), precision), mode)
+    ids = torch.randint(3, 128, tokens, generator=torch.Generator().manual_seed(0))
+    with PeakBytes() as mem, compute_context(precision, "cpu"):
+        m.logits(ids).float().logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    return mem.peak, grads, [moe.tokens_per_expert.sum().item() for moe in m.moe_layers], m
+
+
+def _accelerated(m: V3ForCausalLM, precision: str) -> V3ForCausalLM:
+    return accelerate(apply_precision(m, precision, 32), "cpu")
+
+
+# measured here (8 x 64 tokens, fp32): none 40.5 MB, full 25.3 MB (0.62x), moe 33.8 MB (0.83x)
+def test_checkpointing_same_gradients_lower_peak():
+    """full (each block recomputed in backward) and moe (only the routed experts' activations) give the gradients
+    of no checkpointing bit for bit (the recompute runs the same ops on the same inputs), count each token's expert
+    load once, and lower the step's peak memory; moe keeps the parameter names (checkpoints, HF export)."""
+    peak0, g0, loads0, m0 = _peak_and_grads("none")
+    names = [n for n, _ in m0.named_parameters()]
+    peaks = {}
+    for mode in ("full", "moe"):
+        peaks[mode], g, loads, m = _peak_and_grads(mode)
+        assert g.keys() == g0.keys() and all(torch.equal(g[n], g0[n]) for n in g0), mode
+        assert loads == loads0, mode
+        assert [n for n, _ in m.named_parameters()] == names
+    assert peaks["full"] < 0.75 * peak0 and peaks["moe"] < 0.92 * peak0, (peak0, peaks)
+
+
+def test_moe_checkpointing_wraps_fp8_experts():
+    """moe checkpointing after apply_precision(fp8) recomputes the FP8 experts: same gradients as without."""
+    _, g0, _, _ = _peak_and_grads("none", "fp8", (2, 16))
+    _, g1, _, m = _peak_and_grads("moe", "fp8", (2, 16))
+    from r1.fp8 import Fp8GroupedExperts
+
+    assert isinstance(m.layers[1].mlp.experts, Fp8GroupedExperts) and type(m.layers[1].mlp.experts).__name__ \
+        == "CheckpointedFp8GroupedExperts"
+    assert all(torch.equal(g1[n], g0[n]) for n in g0)
+
+
+def test_bad_checkpointing_one_line():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with pytest.raises(ValueError) as e:
+        apply_activation_checkpointing(V3ForCausalLM(PRESETS["tiny"]), "blocks")
+    assert str(e.value) == "unknown gradient_checkpointing 'blocks'; choose one of none, full, moe"
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError) as e:
+        apply_activation_checkpointing(llama, "moe")
+    assert "gradient_checkpointing=moe needs the native V3 model's routed experts" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert apply_activation_checkpointing(llama, "full").is_activation_checkpointing
