@@ -18,7 +18,8 @@ class Dist:
     of micro-batches; gradients are averaged in one flat all-reduce per optimizer step (after all micro-batches, so
     accumulation costs no extra communication, and the output head may be used outside forward()).
     FSDP2 (an accelerate config with distributed_type FSDP): `wrap` shards every decoder block and the root with
-    torch's fully_shard; gradients are reduce-scattered in backward, and state dicts are gathered in full.
+    torch's fully_shard; gradients are reduce-scattered in backward. Checkpoints stay sharded (r1.checkpoint, DCP);
+    `full_state` gathers whole state dicts where a full copy is wanted (the engine replica, rank checks).
     """
 
     def __init__(self) -> None:
@@ -91,18 +92,6 @@ class Dist:
         o = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere and self.world > 1)
         msd = get_model_state_dict(model, options=o)
         return msd, None if opt is None else get_optimizer_state_dict(model, opt, options=o)
-
-    def load_state(self, model: nn.Module, opt: torch.optim.Optimizer, msd: dict[str, Any],
-                   osd: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True))
-        # parameters that never had a gradient (MTP in GRPO) have no optimizer state yet: not an error
-        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def same_parameters(self, model: nn.Module) -> bool:
         """True when every rank holds bit-identical parameters (max == min of a per-rank checksum); under FSDP the

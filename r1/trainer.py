@@ -285,7 +285,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     out_dir = Path(cfg.output_dir)
     resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \
         None if cfg.resume == "none" else Path(cfg.resume)
-    state = checkpoint.load(resume_from) if resume_from is not None else None  # a corrupt file fails here
+    state = checkpoint.read_extra(resume_from) if resume_from is not None else None  # a corrupt file fails here
     # ---- everything above validates input; compute starts here
     torch.manual_seed(cfg.seed + dist.rank)  # ranks sample different rollouts from the same weights
     random.seed(cfg.seed + dist.rank)
@@ -308,11 +308,10 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
               sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens),
               rows=rows, order=order, out_dir=out_dir)
     pos = Position()
-    if state is not None:
-        dist.load_state(policy, opt, state["model"], state["optimizer"])
+    if state is not None:  # DCP reshards: a checkpoint of any world size loads into this one
+        state = checkpoint.load(resume_from, policy, opt, dist)  # and this rank's RNG
         sched.load_state_dict(state["scheduler"])
         pos = Position(state["step"], state["cursor"], state.get("keep_rate"))
-        checkpoint.set_rng_state(state["rng_ranks"][dist.rank])
         if ref is not None:
             ref.load_state_dict(state["ref"])
     run.logger = JsonlLogger(out_dir / "metrics.jsonl", resume_step=pos.step) if dist.main else None
@@ -510,15 +509,13 @@ def log_step(run: Run, step: int, c: Collected, metrics: dict[str, float], t_col
 
 
 def save_checkpoint(run: Run, pos: Position) -> None:
-    """Model, optimizer, scheduler, every rank's RNG and the data position (a collective under FSDP)."""
-    rngs = run.dist.gather(checkpoint.rng_state())
-    model_sd, opt_sd = run.dist.full_state(run.policy, run.opt)
-    if run.dist.main:
-        state = {"model": model_sd, "optimizer": opt_sd, "scheduler": run.sched.state_dict(), "cursor": pos.cursor,
-                 "rng_ranks": rngs, "keep_rate": pos.keep_rate}
-        if run.ref is not None:
-            state["ref"] = run.ref.state_dict()
-        checkpoint.save(run.out_dir / "checkpoints", pos.step, state, keep=run.cfg.keep_last)
+    """Model and optimizer (each rank its own shards under FSDP2), scheduler, every rank's RNG and the data
+    position: a collective."""
+    extra = {"scheduler": run.sched.state_dict(), "cursor": pos.cursor, "keep_rate": pos.keep_rate}
+    if run.ref is not None:
+        extra["ref"] = run.ref.state_dict()
+    checkpoint.save(run.out_dir / "checkpoints", pos.step, run.policy, run.opt, extra, run.dist,
+                    keep=run.cfg.keep_last)
 
 
 def finish(run: Run) -> None:
@@ -528,9 +525,7 @@ def finish(run: Run) -> None:
         raise RuntimeError("parameters differ across ranks after training (a non-deterministic collective?)")
     if run.tracker is not None:
         run.tracker.end_training()
-    final_sd = dist.full_state(run.policy)[0] if dist.fsdp else None
-    if dist.main:
-        export(run.policy, run.tok, run.out_dir / "model", state_dict=final_sd)
+    export(run.policy, run.tok, run.out_dir / "model", dist=dist)  # every rank: gathered parameter by parameter
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
