@@ -11,6 +11,17 @@ import torch
 from torch import Tensor, nn
 
 
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which FSDP2's per-block all-gather
+    and reduce-scatter buffers come from the heap and stay resident once freed (bench/shard_memory.py shows it);
+    a fixed threshold returns them to the OS. CPU processes only."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+
+
 class Dist:
     """The processes `accelerate launch` started (gloo on CPU, nccl on GPU; one process is the plain case).
 
@@ -32,6 +43,9 @@ class Dist:
         self.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.world > 1
         # bf16 compute where accelerate asks for it and a GPU runs it; the CPU path stays fp32
         self.bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16" and torch.cuda.is_available()
+        if self.fsdp and not torch.cuda.is_available():
+            _fixed_mmap_threshold()
+
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """FSDP2: shard each decoder block, then the root (embeddings, final norm, head, MTP)."""

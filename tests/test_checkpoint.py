@@ -136,6 +136,9 @@ def build():
 
 torch.manual_seed(d.rank)
 a, opt_a = build()
+loaded = d.full_state(a)[0]
+if d.main:
+    torch.save(loaded, out / "loaded.pt")
 train_steps(a, opt_a, 4)  # uninterrupted
 torch.manual_seed(d.rank)
 b, opt_b = build()
@@ -162,10 +165,14 @@ torch.distributed.destroy_process_group()
 
 
 def test_fsdp2_checkpoint_resume_export_reshard(model_dir: Path, tmp_path: Path) -> None:
-    """2 gloo processes under FSDP2: train 2 steps, save, resume in fresh models (another RNG seed) and train 2 more
+    """2 gloo processes under FSDP2: each rank loads only its rows of the HF checkpoint (gathered: the checkpoint's
+    weights); train 2 steps, save, resume in fresh models (another RNG seed) and train 2 more
     == 4 steps straight, each rank's shards bit for bit. Then, in this one process: the export (several shards)
     loads to the trained weights, and the 2-process checkpoint loads into a plain model with the same logits."""
     torchrun(FSDP_RUN, tmp_path, str(model_dir), str(tmp_path), fsdp=True)
+    start = load_hf(model_dir).state_dict()
+    loaded = torch.load(tmp_path / "loaded.pt")  # what the ranks read, each its own rows, gathered
+    assert loaded.keys() == start.keys() and all(torch.equal(loaded[k], v) for k, v in start.items())
     ref = torch.load(tmp_path / "ref.pt")
     index = json.loads((tmp_path / "export" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3  # written in several shards
@@ -173,7 +180,6 @@ def test_fsdp2_checkpoint_resume_export_reshard(model_dir: Path, tmp_path: Path)
     assert exported_sd.keys() == ref["state"].keys()
     for k, v in ref["state"].items():
         assert torch.equal(exported_sd[k], v), k
-    start = load_hf(model_dir).state_dict()
     assert any(not torch.equal(start[k], v) for k, v in ref["state"].items())  # it trained
     one = load_policy(str(model_dir)).eval()
     assert checkpoint.load(checkpoint.latest(tmp_path / "ckpt"), one)["step"] == 4

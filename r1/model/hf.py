@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import re
+import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -109,30 +111,60 @@ def _shards(directory: Path) -> list[str]:
     return files
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Stored:
+    """A tensor in a safetensors file, read when indexed (`[:]`, or rows `[a:b]` of dim 0) with pread straight into
+    its tensor: nothing is mapped, so a process's resident memory holds what it read, not the file's pages."""
+
+    def __init__(self, fd: int, start: int, shape: list[int], dtype: str):
+        self.fd, self.start, self.shape, self.dtype = fd, start, torch.Size(shape), _DTYPES[dtype]
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        a, b, step = rows.indices(self.shape[0]) if self.shape else (0, 1, 1)
+        if step != 1:
+            raise IndexError("stored tensors are read by contiguous rows")
+        out = torch.empty((max(b - a, 0), *self.shape[1:]) if self.shape else (), dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        row_bytes = math.prod(self.shape[1:]) * out.element_size()
+        done, offset = 0, self.start + a * row_bytes
+        while done < len(view):  # one pread may return less than asked (large reads)
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"safetensors file ends inside a tensor (offset {offset + done})")
+            done += n
+        return out
+
+
+def _stored(path: Path, fd: int | None = None) -> dict[str, _Stored]:
+    """The tensors of one safetensors file by name, from its header (8-byte length, JSON); nothing else is read."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: _Stored(-1 if fd is None else fd, 8 + n + v["data_offsets"][0], v["shape"], v["dtype"])
+            for k, v in header.items()}
+
+
 def _read_keys(directory: Path) -> list[str]:
     """The checkpoint's tensor names, from the shard headers (no tensor is read)."""
-    keys = []
-    for fname in _shards(directory):
-        with safe_open(directory / fname, framework="pt") as f:
-            keys.extend(f.keys())
-    return keys
+    return [k for fname in _shards(directory) for k in _stored(directory / fname)]
 
 
 @contextlib.contextmanager
-def _open_tensors(directory: Path) -> Iterator[Iterator[tuple[str, Any]]]:
-    """The checkpoint's tensors as lazy handles (safetensors slices): nothing is read until a caller indexes one,
-    and then only the rows it asks for."""
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(directory / f, framework="pt")) for f in _shards(directory)]
-        yield ((k, f.get_slice(k)) for f in files for k in f.keys())
-
-
-def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(x.shape) if isinstance(x, Tensor) else tuple(x.get_shape())
-
-
-def _is_fp8(x: Any) -> bool:
-    return x.dtype == torch.float8_e4m3fn if isinstance(x, Tensor) else x.get_dtype() == "F8_E4M3"
+def _open_tensors(directory: Path) -> Iterator[Iterator[tuple[str, _Stored]]]:
+    """The checkpoint's tensors as lazy handles: nothing is read until a caller indexes one, and then only the rows
+    it asks for."""
+    fds = [os.open(directory / f, os.O_RDONLY) for f in _shards(directory)]
+    try:
+        yield ((k, t) for fname, fd in zip(_shards(directory), fds, strict=True)
+               for k, t in _stored(directory / fname, fd).items())
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _local(p: Tensor) -> tuple[Tensor, int]:
@@ -151,8 +183,8 @@ def _local(p: Tensor) -> tuple[Tensor, int]:
 
 def load_state(tensors: Iterable[tuple[str, Any]], model: V3ForCausalLM, strict: bool = True,
                fresh: tuple[str, ...] = (), fp8_block: int = FP8_BLOCK) -> None:
-    """Copy HF-named tensors into `model` (in place). A source is a tensor or a lazy safetensors slice; into an
-    FSDP2-sharded parameter only this rank's rows are read and copied. FP8 weights are dequantised with their
+    """Copy HF-named tensors into `model` (in place). A source is a tensor or a `_Stored` one (read when indexed);
+    into an FSDP2-sharded parameter only this rank's rows are read and copied. FP8 weights are dequantised with their
     `weight_scale_inv` (one scale per fp8_block x fp8_block tile). With strict, any missing, unexpected or
     mis-shaped key raises one error, except missing parameters whose native name starts with a prefix in
     `fresh` (the caller initialised them)."""
@@ -167,13 +199,13 @@ def load_state(tensors: Iterable[tuple[str, Any]], model: V3ForCausalLM, strict:
     I = c.moe_intermediate_size
     with torch.no_grad():
         for hf_name, x in pending.items():
-            shape = _shape(x)
-            if _is_fp8(x):
+            shape = tuple(x.shape)
+            if x.dtype == torch.float8_e4m3fn:
                 if hf_name not in scales:
                     raise CheckpointMismatch(f"{hf_name} is fp8 but has no weight_scale_inv")
                 grid = tuple(-(-n // fp8_block) for n in shape)
-                if _shape(scales[hf_name]) != grid:
-                    raise CheckpointMismatch(f"{hf_name}_scale_inv is {_shape(scales[hf_name])}, not {grid} "
+                if tuple(scales[hf_name].shape) != grid:
+                    raise CheckpointMismatch(f"{hf_name}_scale_inv is {tuple(scales[hf_name].shape)}, not {grid} "
                                              f"({fp8_block}x{fp8_block} blocks of {shape})")
                 x = dequantize_fp8(x[:], scales[hf_name][:], fp8_block)  # one whole tensor at a time
             mapped = hf_to_native(hf_name, c)
