@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM
 
 from r1.model.config import PRESETS
-from r1.model.hf import CheckpointMismatch, dequantize_fp8, load_hf, quantize_fp8, save_hf
+from r1.model.hf import CheckpointMismatch, dequantize_fp8, fp8_tensors, load_hf, quantize_fp8, save_hf
 from r1.model.model import V3ForCausalLM
 
 
@@ -77,6 +77,12 @@ def test_fp8_checkpoint_loads_within_fp8_rounding(tmp_path):
             quantized[k] = t
     save_file(quantized, tmp_path / "model.safetensors")
     back = load_hf(tmp_path)
+    # the fp8 weights and scales as stored, for precision fp8 (r1.fp8.load_fp8_weights); nothing else
+    fp8 = dict(fp8_tensors(tmp_path))
+    assert fp8.keys() == {k for k in quantized if k.endswith("_scale_inv") or k + "_scale_inv" in quantized}
+    assert all(torch.equal(fp8[k].view(torch.uint8) if fp8[k].dtype == torch.float8_e4m3fn else fp8[k],
+                           quantized[k].view(torch.uint8) if quantized[k].dtype == torch.float8_e4m3fn
+                           else quantized[k]) for k in fp8)
     theirs = dict(back.named_parameters())
     for name, p in ours.named_parameters():
         q = theirs[name]

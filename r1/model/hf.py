@@ -167,6 +167,17 @@ def _open_tensors(directory: Path) -> Iterator[Iterator[tuple[str, _Stored]]]:
             os.close(fd)
 
 
+def fp8_tensors(directory: str | Path) -> Iterator[tuple[str, Tensor]]:
+    """An FP8 checkpoint's e4m3 weights and their `weight_scale_inv`, read one at a time (the rest is not read): what
+    r1.fp8.load_fp8_weights adopts as the fp8 copies of a model converted for precision fp8."""
+    with _open_tensors(Path(directory)) as tensors:
+        stored = dict(tensors)
+        for k, t in stored.items():
+            if t.dtype == torch.float8_e4m3fn and k + "_scale_inv" in stored:
+                yield k, t[:]
+                yield k + "_scale_inv", stored[k + "_scale_inv"][:]
+
+
 def _local(p: Tensor) -> tuple[Tensor, int]:
     """What this rank holds of a parameter and its first row: an FSDP2 DTensor's dim-0 shard, or all of it."""
     from torch.distributed.tensor import DTensor, Shard
