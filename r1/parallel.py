@@ -46,7 +46,6 @@ class Dist:
         if self.fsdp and not torch.cuda.is_available():
             _fixed_mmap_threshold()
 
-
     def wrap(self, model: nn.Module) -> nn.Module:
         """FSDP2: shard each decoder block, then the root (embeddings, final norm, head, MTP)."""
         if not self.fsdp:
