@@ -124,6 +124,13 @@ def read_extra(path: str | Path) -> dict[str, Any]:
                          f"{(str(e).splitlines() or [''])[0]})") from None
     if not isinstance(state, dict) or not {"step", "rng_ranks"} <= state.keys():
         raise ValueError(f"{file} is not an r1 checkpoint (no step and RNG state)")
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001 - as above: one line whatever the reader raised
+        raise ValueError(f"{path / '.metadata'} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
     return state
 
 

@@ -112,6 +112,11 @@ def test_bad_checkpoints_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="extra.pt is not a readable checkpoint") as e:
         checkpoint.load(path, m)
     assert "\n" not in str(e.value)
+    path = checkpoint.save(tmp_path, 3, m)
+    (path / ".metadata").write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(ValueError, match=r"\.metadata is not a readable checkpoint") as e:
+        checkpoint.read_extra(path)
+    assert "\n" not in str(e.value)
     path = checkpoint.save(tmp_path, 2, m)
     with pytest.raises(ValueError, match=r"does not match the model: 2 missing, e\.g\. 0\.bias") as e:
         checkpoint.load(path, torch.nn.Sequential(torch.nn.Linear(2, 2)))
