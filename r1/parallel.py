@@ -3,11 +3,23 @@ loop, as gpt-fast keeps parallelism outside its model."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which FSDP2's per-block all-gather
+    and reduce-scatter buffers come from the heap and stay resident once freed (bench/shard_memory.py shows it);
+    a fixed threshold returns them to the OS. CPU processes only."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 class Dist:
@@ -17,7 +29,8 @@ class Dist:
     of micro-batches; gradients are averaged in one flat all-reduce per optimizer step (after all micro-batches, so
     accumulation costs no extra communication, and the output head may be used outside forward()).
     FSDP2 (an accelerate config with distributed_type FSDP): `wrap` shards every decoder block and the root with
-    torch's fully_shard; gradients are reduce-scattered in backward, and state dicts are gathered in full.
+    torch's fully_shard; gradients are reduce-scattered in backward. Checkpoints stay sharded (r1.checkpoint, DCP);
+    `full_state` gathers whole state dicts where a full copy is wanted (rank checks, a reference reset).
     """
 
     def __init__(self) -> None:
@@ -28,6 +41,8 @@ class Dist:
         self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
         self.main = self.state.is_main_process
         self.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.world > 1
+        if self.fsdp and not torch.cuda.is_available():
+            _fixed_mmap_threshold()
 
     def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         """FSDP2: shard each decoder block, then the root (embeddings, final norm, head, MTP); bf16 and fp8 compute
@@ -93,17 +108,18 @@ class Dist:
         msd = get_model_state_dict(model, options=o)
         return msd, None if opt is None else get_optimizer_state_dict(model, opt, options=o)
 
-    def load_state(self, model: nn.Module, opt: torch.optim.Optimizer, msd: dict[str, Any],
-                   osd: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+    def load_full_state(self, model: nn.Module, msd: dict[str, Any]) -> None:
+        """A full (unsharded) model state dict into `model`, sharded or not."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True))
-        # parameters that never had a gradient (MTP in GRPO) have no optimizer state yet: not an error
-        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    @staticmethod
+    @torch.no_grad()
+    def copy_weights(dst: nn.Module, src: nn.Module) -> None:
+        """dst's parameters and buffers := src's, shard by shard (the two sharded alike, or neither)."""
+        for a, b in zip(dst.state_dict().values(), src.state_dict().values(), strict=True):
+            a.copy_(b)
 
     def same_parameters(self, model: nn.Module) -> bool:
         """True when every rank holds bit-identical parameters (max == min of a per-rank checksum); under FSDP the

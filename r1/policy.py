@@ -12,13 +12,17 @@ Speed layers (the CPU GEMMs, FP8, sharding) are not applied here: the run entry 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from r1.model.model import V3ForCausalLM
+
+if TYPE_CHECKING:
+    from r1.parallel import Dist
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -49,40 +53,54 @@ def model_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """DeepSeek-V3 checkpoints load as the native model; any other causal LM through transformers."""
+def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                shard: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """DeepSeek-V3 checkpoints load as the native model, built on meta and read straight into `device` and `dtype`;
+    `shard` (Dist.wrap) shards it first, so each rank allocates and reads only its shards. Any other causal LM
+    loads through transformers (then moved and sharded whole)."""
     p = resolve_model(name_or_path)
     if model_config(p).get("model_type") == "deepseek_v3":
         from r1.model.hf import load_hf
 
-        return load_hf(p, dtype=dtype)
+        return load_hf(p, dtype=dtype, device=device, shard=shard)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device)
+    return model if shard is None else shard(model)
 
 
-def build_model(name_or_dir: str) -> nn.Module:
-    """A preset name (tiny, smoke, ...: the native model with fresh weights) or a model to load."""
+def build_model(name_or_dir: str, device: str | torch.device = "cpu",
+                shard: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """A preset name (tiny, smoke, ...: the native model with fresh weights, then `shard`) or a model to load
+    (load_policy: `shard` on the meta device, then each rank's shards read)."""
     from r1.model.config import PRESETS, load_config
 
     if name_or_dir in PRESETS:
-        return V3ForCausalLM(load_config(name_or_dir))
-    return load_policy(name_or_dir)
+        model = V3ForCausalLM(load_config(name_or_dir))
+        return model if shard is None else shard(model)
+    return load_policy(name_or_dir, device=device, shard=shard)
 
 
-def export(model: nn.Module, tok: Any, directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+def export(model: nn.Module, tok: Any, directory: Path, state_dict: dict[str, Tensor] | None = None,
+           dist: Dist | None = None) -> None:
     """A HF-format model directory (+ tokenizer) that transformers and vLLM load; `state_dict` replaces the module's
-    own (a sharded model's gathered weights)."""
+    own. Under FSDP2 every rank calls it: the native model is gathered one parameter at a time and written shard by
+    shard by the main rank; a transformers model is gathered whole on the main rank."""
+    main = dist is None or dist.main
     if isinstance(model, V3ForCausalLM):
         from r1.model.hf import save_hf
 
         if state_dict is not None:
             model = V3ForCausalLM(model.config)
             model.load_state_dict(state_dict)
-        save_hf(model, directory)
+        save_hf(model, directory, main=main)
     else:
-        model.save_pretrained(directory, state_dict=state_dict)
-    tok.save_pretrained(str(directory))
+        if state_dict is None and dist is not None and dist.fsdp:
+            state_dict = dist.full_state(model)[0]
+        if main:
+            model.save_pretrained(directory, state_dict=state_dict)
+    if main:
+        tok.save_pretrained(str(directory))
 
 
 def engine_weights(policy: nn.Module, engine: Any) -> list[tuple[str, Tensor]]:

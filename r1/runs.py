@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from r1.compute import apply_activation_checkpointing, apply_precision, check_checkpointing, check_precision
@@ -36,14 +38,20 @@ def check_compute(model: str, precision: str, fp8_block: int, gradient_checkpoin
     check_checkpointing(gradient_checkpointing)
 
 
-def prepare_model(model: nn.Module, dist: Dist, precision: str, fp8_block: int,
-                  gradient_checkpointing: str) -> nn.Module:
-    """In order: the precision layer (fp8 linears and experts swapped in), activation checkpointing, the device,
-    then FSDP2 sharding when launched so (bf16 compute through its MixedPrecisionPolicy). Call it after the CPU
-    layer (r1.cpu.accelerate), whose modules the fp8 swap replaces, and before the optimizer sees the parameters."""
+def prepare_model(model: nn.Module, dist: Dist, precision: str, fp8_block: int, gradient_checkpointing: str,
+                  speed_layer: Callable[[nn.Module, torch.device], nn.Module] | None = None) -> nn.Module:
+    """In order: the CPU speed layer (r1.cpu.accelerate, passed in by the entry points that may import it), the
+    precision layer (fp8 linears and experts swapped in), activation checkpointing, the device, then FSDP2
+    sharding when launched so (bf16 compute through its MixedPrecisionPolicy). Module swaps come before sharding
+    (FSDP2 keeps the modules it was given), and before the optimizer sees the parameters. A model on the meta
+    device stays there: a loader (r1.model.hf.load_hf's `shard`) materialises each rank's shards after."""
+    if speed_layer is not None:
+        model = speed_layer(model, dist.device)
     model = apply_precision(model, precision, fp8_block)
     apply_activation_checkpointing(model, gradient_checkpointing)
-    return dist.wrap(model.to(dist.device).train(), precision)
+    if not any(p.is_meta for p in model.parameters()):
+        model = model.to(dist.device)
+    return dist.wrap(model.train(), precision)
 
 
 class JsonlLogger:

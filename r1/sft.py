@@ -7,6 +7,7 @@ Rejection sampling: `rejection_sample` keeps a model's correct rollouts as new S
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -111,10 +112,11 @@ def sft(cfg: SftConfig) -> dict[str, float]:
     out_dir = Path(cfg.output_dir)
     resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \
         None if cfg.resume == "none" else Path(cfg.resume)
-    state = checkpoint.load(resume_from) if resume_from is not None else None  # a corrupt file fails here
+    state = checkpoint.read_extra(resume_from) if resume_from is not None else None  # a corrupt file fails here
     torch.manual_seed(cfg.seed)  # the same fresh weights on every rank
-    model = accelerate(build_model(cfg.model), dist.device)
-    model = prepare_model(model, dist, cfg.precision, cfg.fp8_block, cfg.gradient_checkpointing)
+    model = build_model(cfg.model, dist.device, functools.partial(
+        prepare_model, dist=dist, precision=cfg.precision, fp8_block=cfg.fp8_block,
+        gradient_checkpointing=cfg.gradient_checkpointing, speed_layer=accelerate))
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, str(out_dir / "config.yaml"))
@@ -124,7 +126,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
     rng = random.Random(cfg.seed)  # the global batch, drawn alike on every rank; each takes its slice
     start = 0
     if state is not None:
-        dist.load_state(model, opt, state["model"], state["optimizer"])
+        state = checkpoint.load(resume_from, model, opt, dist)  # reshards: any world size loads
         sched.load_state_dict(state["scheduler"])
         rng.setstate(state["sampler"])
         start = state["step"]
@@ -157,20 +159,16 @@ def sft(cfg: SftConfig) -> dict[str, float]:
             save(model, opt, sched, rng, step + 1, dist, out_dir, cfg.keep_last)
     if dist.world > 1 and not dist.same_parameters(model):
         raise RuntimeError("parameters differ across ranks after SFT (a non-deterministic collective?)")
-    final_sd = dist.full_state(model)[0] if dist.fsdp else None
-    if dist.main:
-        export(model, tok, out_dir / "model", state_dict=final_sd)
+    export(model, tok, out_dir / "model", dist=dist)  # every rank: gathered parameter by parameter
     return metrics
 
 
 def save(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, rng: random.Random, step: int, dist: Dist,
          out_dir: Path, keep: int) -> None:
-    """Model, optimizer, scheduler, the batch sampler's state and the step (a collective under FSDP)."""
-    model_sd, opt_sd = dist.full_state(model, opt)
-    if dist.main:
-        checkpoint.save(out_dir / "checkpoints", step, {"model": model_sd, "optimizer": opt_sd,
-                                                        "scheduler": sched.state_dict(), "sampler": rng.getstate()},
-                        keep=keep)
+    """Model and optimizer (each rank its own shards under FSDP2), scheduler, the batch sampler's state, every
+    rank's RNG and the step: a collective."""
+    checkpoint.save(out_dir / "checkpoints", step, model, opt, {"scheduler": sched.state_dict(),
+                                                                 "sampler": rng.getstate()}, dist, keep=keep)
 
 
 def rejection_sample(engine: Any, tok: Any, rows: list[dict], template: str, sampling: Any, n: int,

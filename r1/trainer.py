@@ -13,7 +13,6 @@ them (`shared_prefix`, `sequence_logprobs`): the same numbers as G whole sequenc
 
 from __future__ import annotations
 
-import copy
 import functools
 import random
 import time
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from r1 import checkpoint, grpo
-from r1.compute import apply_activation_checkpointing, apply_precision, compute_context
+from r1.compute import compute_context
 from r1.config import save_config
 from r1.cpu import accelerate, accelerate_engine, micro_batches, update_workers
 from r1.data import encode_prompts, load_rows, render, smoke_rl_rows
@@ -36,7 +35,7 @@ from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, upd
 from r1.optim import OPTIMIZERS
 from r1.parallel import Dist
 from r1.policy import engine_weights, export, load_policy
-from r1.runs import JsonlLogger, check_compute
+from r1.runs import JsonlLogger, check_compute, prepare_model
 
 
 @dataclass
@@ -265,22 +264,25 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     reward_set = RewardSet(list(zip(cfg.rewards, weights, strict=True)), on_error=cfg.on_reward_error)
     rows = smoke_rl_rows(seed=cfg.seed) if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.answer_key or cfg.prompt_key), cfg.dataset_config)
-    policy = accelerate(load_policy(cfg.model), dist.device)
+    # built on meta, made ready (CPU layer, precision, sharding) there, then read straight to the device: under
+    # FSDP2 each rank reads only its shards, so no rank ever holds the whole model
+    policy = load_policy(cfg.model, device=dist.device, shard=functools.partial(
+        prepare_model, dist=dist, precision=cfg.precision, fp8_block=cfg.fp8_block,
+        gradient_checkpointing=cfg.gradient_checkpointing, speed_layer=accelerate))
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     out_dir = Path(cfg.output_dir)
     resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \
         None if cfg.resume == "none" else Path(cfg.resume)
-    state = checkpoint.load(resume_from) if resume_from is not None else None  # a corrupt file fails here
+    state = checkpoint.read_extra(resume_from) if resume_from is not None else None  # a corrupt file fails here
     # ---- everything above validates input; compute starts here
     torch.manual_seed(cfg.seed + dist.rank)  # ranks sample different rollouts from the same weights
     random.seed(cfg.seed + dist.rank)
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, str(out_dir / "config.yaml"))
-    policy = apply_precision(policy, cfg.precision, cfg.fp8_block).to(dist.device).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None  # full copy, not sharded
-    apply_activation_checkpointing(policy, cfg.gradient_checkpointing)
-    policy = dist.wrap(policy, cfg.precision)  # FSDP2 shards in place when launched so; before the optimizer
+    ref = load_policy(cfg.model, device=dist.device, shard=functools.partial(  # sharded as the policy is
+        prepare_model, dist=dist, precision=cfg.precision, fp8_block=cfg.fp8_block, gradient_checkpointing="none",
+        speed_layer=accelerate)).eval().requires_grad_(False) if cfg.beta > 0 else None
     # the torch engine decodes with the policy itself; under FSDP2 its ranks decode in lockstep (every forward is a
     # collective), so no rank ever holds an unsharded copy
     lockstep = {"lockstep": dist.any} if dist.fsdp and cfg.engine == "torch" else {}
@@ -295,13 +297,12 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
               sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens),
               rows=rows, order=order, out_dir=out_dir)
     pos = Position()
-    if state is not None:
-        dist.load_state(policy, opt, state["model"], state["optimizer"])
+    if state is not None:  # DCP reshards: a checkpoint of any world size loads into this one
+        state = checkpoint.load(resume_from, policy, opt, dist)  # and this rank's RNG
         sched.load_state_dict(state["scheduler"])
         pos = Position(state["step"], state["cursor"], state.get("keep_rate"))
-        checkpoint.set_rng_state(state["rng_ranks"][dist.rank])
         if ref is not None:
-            ref.load_state_dict(state["ref"])
+            dist.load_full_state(ref, state["ref"])
     run.logger = JsonlLogger(out_dir / "metrics.jsonl", resume_step=pos.step) if dist.main else None
     if cfg.report_to:  # TensorBoard / W&B through accelerate; the JSONL file is always written
         from accelerate import Accelerator
@@ -467,7 +468,7 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
 def balance_and_sync(run: Run, step: int) -> dict[str, float]:
     """Expert-load metrics, then auxiliary-loss-free balancing (router biases); the new weights to the engine (and
     the reference, every ref_reset_every steps). Returns the load metrics, read before the biases move."""
-    cfg, dist, policy = run.cfg, run.dist, run.policy
+    cfg, policy = run.cfg, run.policy
     metrics = {**expert_load_metrics(policy), **hc_metrics(policy)}
     if cfg.bias_update:
         update_router_biases(policy)  # counts all-reduced across ranks inside
@@ -477,7 +478,7 @@ def balance_and_sync(run: Run, step: int) -> dict[str, float]:
                 m.tokens_per_expert.zero_()
     run.engine.load_weights(engine_weights(policy, run.engine))  # no-op when the engine shares the policy
     if run.ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
-        run.ref.load_state_dict(dist.full_state(policy, everywhere=True)[0])
+        run.dist.copy_weights(run.ref, policy)
     return metrics
 
 
@@ -499,15 +500,13 @@ def log_step(run: Run, step: int, c: Collected, metrics: dict[str, float], t_col
 
 
 def save_checkpoint(run: Run, pos: Position) -> None:
-    """Model, optimizer, scheduler, every rank's RNG and the data position (a collective under FSDP)."""
-    rngs = run.dist.gather(checkpoint.rng_state())
-    model_sd, opt_sd = run.dist.full_state(run.policy, run.opt)
-    if run.dist.main:
-        state = {"model": model_sd, "optimizer": opt_sd, "scheduler": run.sched.state_dict(), "cursor": pos.cursor,
-                 "rng_ranks": rngs, "keep_rate": pos.keep_rate}
-        if run.ref is not None:
-            state["ref"] = run.ref.state_dict()
-        checkpoint.save(run.out_dir / "checkpoints", pos.step, state, keep=run.cfg.keep_last)
+    """Model and optimizer (each rank its own shards under FSDP2), scheduler, every rank's RNG and the data
+    position: a collective."""
+    extra = {"scheduler": run.sched.state_dict(), "cursor": pos.cursor, "keep_rate": pos.keep_rate}
+    if run.ref is not None:
+        extra["ref"] = run.dist.full_state(run.ref)[0]  # (gathered on rank 0 under FSDP2)
+    checkpoint.save(run.out_dir / "checkpoints", pos.step, run.policy, run.opt, extra, run.dist,
+                    keep=run.cfg.keep_last)
 
 
 def finish(run: Run) -> None:
@@ -517,9 +516,7 @@ def finish(run: Run) -> None:
         raise RuntimeError("parameters differ across ranks after training (a non-deterministic collective?)")
     if run.tracker is not None:
         run.tracker.end_training()
-    final_sd = dist.full_state(run.policy)[0] if dist.fsdp else None
-    if dist.main:
-        export(run.policy, run.tok, run.out_dir / "model", state_dict=final_sd)
+    export(run.policy, run.tok, run.out_dir / "model", dist=dist)  # every rank: gathered parameter by parameter
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:

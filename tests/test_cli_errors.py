@@ -74,10 +74,11 @@ def test_recipe_not_yaml(tmp_path: Path) -> None:
 def test_corrupt_resume_checkpoint(model_dir: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "step_00000002"
     ckpt.mkdir()
-    (ckpt / "state.pt").write_bytes(b"\x80\x04 not a checkpoint at all")
+    (ckpt / ".metadata").write_bytes(b"")
+    (ckpt / "extra.pt").write_bytes(b"\x80\x04 not a checkpoint at all")
     out = tmp_path / "out"
     r = r1(["train", f"model={model_dir}", f"resume={ckpt}", f"output_dir={out}", "progress=false"], tmp_path / "home")
-    one_line_error(r, "train", str(ckpt / "state.pt"), "not a readable checkpoint")
+    one_line_error(r, "train", str(ckpt / "extra.pt"), "not a readable checkpoint")
     assert not out.exists()  # config.yaml is not written before the checkpoint is read
 
 

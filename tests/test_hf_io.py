@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM
 
 from r1.model.config import PRESETS
-from r1.model.hf import CheckpointMismatch, dequantize_fp8, load_hf, quantize_fp8, save_hf
+from r1.model.hf import CheckpointMismatch, dequantize_fp8, fp8_tensors, load_hf, quantize_fp8, save_hf
 from r1.model.model import V3ForCausalLM
 
 
@@ -77,6 +77,12 @@ def test_fp8_checkpoint_loads_within_fp8_rounding(tmp_path):
             quantized[k] = t
     save_file(quantized, tmp_path / "model.safetensors")
     back = load_hf(tmp_path)
+    # the fp8 weights and scales as stored, for precision fp8 (r1.fp8.load_fp8_weights); nothing else
+    fp8 = dict(fp8_tensors(tmp_path))
+    assert fp8.keys() == {k for k in quantized if k.endswith("_scale_inv") or k + "_scale_inv" in quantized}
+    assert all(torch.equal(fp8[k].view(torch.uint8) if fp8[k].dtype == torch.float8_e4m3fn else fp8[k],
+                           quantized[k].view(torch.uint8) if quantized[k].dtype == torch.float8_e4m3fn
+                           else quantized[k]) for k in fp8)
     theirs = dict(back.named_parameters())
     for name, p in ours.named_parameters():
         q = theirs[name]
@@ -133,3 +139,44 @@ def test_hf_config_roundtrip():
     from r1.model.config import V3Config
     back = V3Config.from_dict(ref.to_dict())
     assert back.rope_scaling["factor"] == 40.0 and back.n_routed_experts == 256 and back.q_lora_rank == 1536
+
+
+def test_load_reads_straight_into_the_dtype(tmp_path):
+    """bf16: parameters are materialised in bf16 and filled tensor by tensor (the values of the fp32 load, cast);
+    the balancing bias and RoPE frequencies stay fp32; the torch allocations alive at once stay below the fp32
+    model's size (the old path built the whole model in fp32, then cast: 1.5x)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from common import peak_bytes
+
+    save_hf(model(seed=3, hidden_size=128, moe_intermediate_size=64, intermediate_size=256), tmp_path)
+    full = load_hf(tmp_path)
+    fp32_bytes = sum(p.numel() * 4 for p in full.parameters())
+    out = []
+    peak = peak_bytes(lambda: out.append(load_hf(tmp_path, dtype=torch.bfloat16)))
+    half = out[0]
+    assert peak < 0.7 * fp32_bytes, (peak, fp32_bytes)
+    for (n, a), b in zip(full.named_parameters(), half.parameters(), strict=True):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), n
+    assert half.inv_freq.dtype == torch.float32 and torch.equal(half.inv_freq, full.inv_freq)
+    for m in half.moe_layers:
+        assert m.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_fsdp2_ranks_load_only_their_shards(tmp_path):
+    """Two gloo processes under FSDP2 load a V3 config of >= 200 MB of fp32 weights (bench/shard_memory.py): each
+    rank's peak resident memory while loading, above what it held after its imports, stays under 0.7x the
+    model's weight bytes (one process holding the model needs >= 1x; the old loader ~2x)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from shard_memory import launch, make_model
+
+    weights = make_model(tmp_path / "model", hidden=512, experts=16, layers=8)
+    assert weights >= 200 << 20
+    ranks = launch(tmp_path / "model", tmp_path, 2, steps=0)
+    for r in ranks:
+        assert (r["load"] - r["base"]) * 1024 < 0.7 * weights, (r, weights)

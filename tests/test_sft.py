@@ -25,7 +25,7 @@ def tiny(out: Path, **kw: object) -> SftConfig:
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt / "state.pt", weights_only=False)["model"]
+    return checkpoint.read_state(ckpt)["model"]
 
 
 def test_resume_is_bitwise(tmp_path: Path) -> None:

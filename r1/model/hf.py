@@ -9,16 +9,20 @@ Name mapping is shared with the rollout engines' `load_weights` through `hf_to_n
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import re
+import struct
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from r1.model.config import V3Config
 from r1.model.model import V3ForCausalLM, rope_inv_freq
@@ -107,25 +111,91 @@ def _shards(directory: Path) -> list[str]:
     return files
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Stored:
+    """A tensor in a safetensors file, read when indexed (`[:]`, or rows `[a:b]` of dim 0) with pread straight into
+    its tensor: nothing is mapped, so a process's resident memory holds what it read, not the file's pages."""
+
+    def __init__(self, fd: int, start: int, shape: list[int], dtype: str):
+        self.fd, self.start, self.shape, self.dtype = fd, start, torch.Size(shape), _DTYPES[dtype]
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        a, b, step = rows.indices(self.shape[0]) if self.shape else (0, 1, 1)
+        if step != 1:
+            raise IndexError("stored tensors are read by contiguous rows")
+        out = torch.empty((max(b - a, 0), *self.shape[1:]) if self.shape else (), dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        row_bytes = math.prod(self.shape[1:]) * out.element_size()
+        done, offset = 0, self.start + a * row_bytes
+        while done < len(view):  # one pread may return less than asked (large reads)
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"safetensors file ends inside a tensor (offset {offset + done})")
+            done += n
+        return out
+
+
+def _stored(path: Path, fd: int | None = None) -> dict[str, _Stored]:
+    """The tensors of one safetensors file by name, from its header (8-byte length, JSON); nothing else is read."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: _Stored(-1 if fd is None else fd, 8 + n + v["data_offsets"][0], v["shape"], v["dtype"])
+            for k, v in header.items()}
+
+
 def _read_keys(directory: Path) -> list[str]:
     """The checkpoint's tensor names, from the shard headers (no tensor is read)."""
-    keys = []
-    for fname in _shards(directory):
-        with safe_open(directory / fname, framework="pt") as f:
-            keys.extend(f.keys())
-    return keys
+    return [k for fname in _shards(directory) for k in _stored(directory / fname)]
 
 
-def _read_tensors(directory: Path) -> Iterator[tuple[str, Tensor]]:
-    for fname in _shards(directory):
-        with safe_open(directory / fname, framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+@contextlib.contextmanager
+def _open_tensors(directory: Path) -> Iterator[Iterator[tuple[str, _Stored]]]:
+    """The checkpoint's tensors as lazy handles: nothing is read until a caller indexes one, and then only the rows
+    it asks for."""
+    fds = [os.open(directory / f, os.O_RDONLY) for f in _shards(directory)]
+    try:
+        yield ((k, t) for fname, fd in zip(_shards(directory), fds, strict=True)
+               for k, t in _stored(directory / fname, fd).items())
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
-def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, strict: bool = True,
+def fp8_tensors(directory: str | Path) -> Iterator[tuple[str, Tensor]]:
+    """An FP8 checkpoint's e4m3 weights and their `weight_scale_inv`, read one at a time (the rest is not read): what
+    r1.fp8.load_fp8_weights adopts as the fp8 copies of a model converted for precision fp8."""
+    with _open_tensors(Path(directory)) as tensors:
+        stored = dict(tensors)
+        for k, t in stored.items():
+            if t.dtype == torch.float8_e4m3fn and k + "_scale_inv" in stored:
+                yield k, t[:]
+                yield k + "_scale_inv", stored[k + "_scale_inv"][:]
+
+
+def _local(p: Tensor) -> tuple[Tensor, int]:
+    """What this rank holds of a parameter and its first row: an FSDP2 DTensor's dim-0 shard, or all of it."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return p, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(pl != Shard(0) for pl in p.placements):
+        raise NotImplementedError(f"loading into a DTensor placed {p.placements} (only Shard(0), as FSDP2 shards)")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), offset[0]
+
+
+def load_state(tensors: Iterable[tuple[str, Any]], model: V3ForCausalLM, strict: bool = True,
                fresh: tuple[str, ...] = (), fp8_block: int = FP8_BLOCK) -> None:
-    """Copy HF-named tensors into `model` (in place). FP8 weights are dequantised with their
+    """Copy HF-named tensors into `model` (in place). A source is a tensor or a `_Stored` one (read when indexed);
+    into an FSDP2-sharded parameter only this rank's rows are read and copied. FP8 weights are dequantised with their
     `weight_scale_inv` (one scale per fp8_block x fp8_block tile). With strict, any missing, unexpected or
     mis-shaped key raises one error, except missing parameters whose native name starts with a prefix in
     `fresh` (the caller initialised them)."""
@@ -137,16 +207,18 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
     unexpected, bad_shape = [], []
     pending = dict(tensors)
     scales = {k.removesuffix("_scale_inv"): pending.pop(k) for k in list(pending) if k.endswith("weight_scale_inv")}
+    I = c.moe_intermediate_size
     with torch.no_grad():
-        for hf_name, t in pending.items():
-            if t.dtype == torch.float8_e4m3fn:
+        for hf_name, x in pending.items():
+            shape = tuple(x.shape)
+            if x.dtype == torch.float8_e4m3fn:
                 if hf_name not in scales:
                     raise CheckpointMismatch(f"{hf_name} is fp8 but has no weight_scale_inv")
-                grid = tuple(-(-n // fp8_block) for n in t.shape)
+                grid = tuple(-(-n // fp8_block) for n in shape)
                 if tuple(scales[hf_name].shape) != grid:
                     raise CheckpointMismatch(f"{hf_name}_scale_inv is {tuple(scales[hf_name].shape)}, not {grid} "
-                                             f"({fp8_block}x{fp8_block} blocks of {tuple(t.shape)})")
-                t = dequantize_fp8(t, scales[hf_name], fp8_block)
+                                             f"({fp8_block}x{fp8_block} blocks of {shape})")
+                x = dequantize_fp8(x[:], scales[hf_name][:], fp8_block)  # one whole tensor at a time
             mapped = hf_to_native(hf_name, c)
             if mapped is None:
                 continue
@@ -156,22 +228,27 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
                 if target is None:
                     unexpected.append(hf_name)
                     continue
-                I = c.moe_intermediate_size
-                dst = target[j] if part == "down_proj" else target[j, :I] if part == "gate_proj" else target[j, I:]
-                if j >= target.shape[0] or dst.shape != t.shape:
-                    bad_shape.append(f"{hf_name}: checkpoint {tuple(t.shape)} vs model {tuple(dst.shape)}")
+                want = tuple(target.shape[1:]) if part == "down_proj" else (I, *target.shape[2:])
+                if j >= target.shape[0] or want != shape:
+                    bad_shape.append(f"{hf_name}: checkpoint {shape} vs model {want}")
                     continue
-                dst.copy_(t)
+                local, first = _local(target)
+                if first <= j < first + local.shape[0]:  # another rank's expert is read by that rank
+                    row = local[j - first]
+                    row = row if part == "down_proj" else row[:I] if part == "gate_proj" else row[I:]
+                    row.copy_(x[:])
                 experts_seen.setdefault(name, set()).add((j, part))
                 continue
             if name not in params:
                 unexpected.append(hf_name)
                 continue
-            if params[name].shape != t.shape:
-                bad_shape.append(f"{hf_name}: checkpoint {tuple(t.shape)} vs model {tuple(params[name].shape)}")
+            if tuple(params[name].shape) != shape:
+                bad_shape.append(f"{hf_name}: checkpoint {shape} vs model {tuple(params[name].shape)}")
                 seen.add(name)  # reported as a shape mismatch, not as missing
                 continue
-            params[name].copy_(t)
+            local, first = _local(params[name])
+            if local.numel():
+                local.copy_(x[first:first + local.shape[0]])
             seen.add(name)
     for name, parts in experts_seen.items():
         if len(parts) == 3 * c.n_routed_experts:
@@ -182,7 +259,7 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
     for n in params:
         if n in seen or n.startswith(fresh) or n.endswith(".experts.gate_up_proj"):  # (with its down_proj)
             continue
-        hf_name = next(native_to_hf(n, params[n], c))[0]
+        hf_name = next(native_to_hf(n, torch.empty(params[n].shape, device="meta"), c))[0]
         if not n.endswith(".experts.down_proj"):
             missing.append(hf_name)
             continue
@@ -200,18 +277,40 @@ def load_state(tensors: Iterable[tuple[str, Tensor]], model: V3ForCausalLM, stri
         raise CheckpointMismatch("\n".join(lines))
 
 
-def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, strict: bool = True) -> V3ForCausalLM:
-    """Build the native model from a transformers-format DeepseekV3 directory."""
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters to `dtype` (on meta: free); buffers stay fp32 (the balancing bias, RoPE frequencies, counts).
+    Tied parameters stay one object."""
+    done: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for k, p in m._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+                m._parameters[k] = done[id(p)]
+
+
+def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, strict: bool = True,
+            device: str | torch.device = "cpu", shard: Callable[[nn.Module], nn.Module] | None = None
+            ) -> V3ForCausalLM:
+    """Build the native model from a transformers-format DeepseekV3 directory: on the meta device, materialised
+    on `device` in `dtype` (parameters; buffers stay fp32), then filled tensor by tensor from the safetensors
+    files. `shard` (Dist.wrap: FSDP2) runs before anything is allocated, so each rank allocates and reads only its
+    own shards and no rank holds the whole model."""
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} has no config.json (expected a transformers-format model directory)")
     c = V3Config.from_json(directory)
+    fp8_block = _fp8_block(directory)
     with torch.device("meta"):
         model = V3ForCausalLM(c)
-    model = model.to_empty(device="cpu")
-    model.inv_freq.copy_(rope_inv_freq(c)[0])  # non-persistent buffers are not in the checkpoint
-    for m in model.moe_layers:
-        m.tokens_per_expert.zero_()
+    _cast_parameters(model, dtype)
+    if shard is not None:
+        model = shard(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.inv_freq.copy_(rope_inv_freq(c)[0])  # non-persistent buffers are not in the checkpoint
+        for m in model.moe_layers:
+            m.tokens_per_expert.zero_()
     fresh: tuple[str, ...] = ()
     if c.num_nextn_predict_layers and not any(_is_mtp(k, c) for k in _read_keys(directory)):
         # transformers keeps no MTP layer, so its checkpoints of an MTP config have none: start MTP from the
@@ -220,8 +319,9 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, strict: b
         fresh = ("mtp.",)
         warnings.warn(f"r1: {directory} has no weights for the {c.num_nextn_predict_layers} MTP layer(s) its "
                       "config.json declares (transformers does not save them): MTP initialised fresh", stacklevel=2)
-    load_state(_read_tensors(directory), model, strict=strict, fresh=fresh, fp8_block=_fp8_block(directory))
-    return model.to(dtype)
+    with _open_tensors(directory) as tensors:
+        load_state(tensors, model, strict=strict, fresh=fresh, fp8_block=fp8_block)
+    return model
 
 
 def _fp8_block(directory: Path) -> int:
@@ -239,45 +339,70 @@ def _is_mtp(hf_name: str, c: V3Config) -> bool:
     return mapped is None or mapped[0].startswith("mtp.")
 
 
+def _full(t: Tensor) -> Tensor:
+    """A parameter whole: a DTensor (FSDP2 shard) is all-gathered, a collective every rank makes in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def hf_state_dict(model: V3ForCausalLM) -> Iterator[tuple[str, Tensor]]:
-    """The model's tensors under HF names, MTP layers with copies of the shared embedding and head."""
+    """The model's tensors under HF names, MTP layers with copies of the shared embedding and head. Under FSDP2 one
+    parameter is gathered at a time (every rank must iterate to the end)."""
     c = model.config
     for name, t in list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
                                                       if n.endswith("e_score_correction_bias")]:
         if c.tie_word_embeddings and name == "lm_head.weight":
             continue
-        yield from native_to_hf(name, t.detach(), c)
+        yield from native_to_hf(name, _full(t.detach()), c)
     for k in range(c.num_nextn_predict_layers):
-        yield f"model.layers.{c.num_hidden_layers + k}.embed_tokens.weight", model.embed_tokens.weight.detach()
-        yield f"model.layers.{c.num_hidden_layers + k}.shared_head.head.weight", model.lm_head.weight.detach()
+        yield f"model.layers.{c.num_hidden_layers + k}.embed_tokens.weight", _full(model.embed_tokens.weight.detach())
+        yield f"model.layers.{c.num_hidden_layers + k}.shared_head.head.weight", _full(model.lm_head.weight.detach())
 
 
 def save_hf(model: V3ForCausalLM, directory: str | Path, max_shard_bytes: int = 4 << 30,
-            dtype: torch.dtype | None = None) -> None:
-    """Write config.json and safetensors shards (+ index when more than one) that transformers loads."""
+            dtype: torch.dtype | None = None, main: bool = True) -> None:
+    """Write config.json and safetensors shards (+ index when more than one) that transformers loads. Shards are
+    written as they fill, so at most one shard and one parameter are in memory; under FSDP2 every rank calls this
+    (parameters are gathered one at a time) and only `main` writes."""
+    from torch.distributed.tensor import DTensor
+
+    if not main and not any(isinstance(p, DTensor) for p in model.parameters()):
+        return  # nothing to gather: the main rank writes alone
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_hf_dict()
-    cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
+    if main:
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = model.config.to_hf_dict()
+        cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    shard: dict[str, Tensor] = {}
+    size, total, files, weight_map = 0, 0, [], {}
+
+    def flush() -> None:
+        files.append(directory / f"model-{len(files) + 1:05d}.safetensors.part")  # numbered "of N" at the end
+        save_file(shard, files[-1], metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, len(files) - 1))
+        shard.clear()
+
     for name, t in hf_state_dict(model):
+        if not main:
+            continue
         t = t.to(dtype) if dtype is not None and t.is_floating_point() and "correction_bias" not in name else t
         nbytes = t.numel() * t.element_size()
-        if size + nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
+        if size + nbytes > max_shard_bytes and shard:
+            flush()
             size = 0
-        shards[-1][name] = t.contiguous().clone()
+        shard[name] = t.contiguous().clone()
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        total += nbytes
+    if not main:
         return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    flush()
+    if len(files) == 1:
+        files[0].rename(directory / "model.safetensors")
+        return
+    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    for f, n in zip(files, names, strict=True):
+        f.rename(directory / n)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}, indent=2))
