@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from r1.model.config import V3Config
-from r1.model.model import GroupedExperts, checkpointed
+from r1.model.model import GroupedExperts
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 CHECKPOINTING = ("none", "full", "moe")
@@ -191,7 +192,7 @@ class CheckpointedExperts(GroupedExperts):
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and self.training):
             return self._inner_forward(x_NsD, counts_E)
-        return checkpointed(self._inner_forward, x_NsD, counts_E)
+        return checkpoint(self._inner_forward, x_NsD, counts_E, use_reentrant=False)
 
 
 def _checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:

@@ -30,9 +30,7 @@ V v dim, L kv_lora_rank, N tokens (B*T), E routed experts, K experts per token, 
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,28 +40,6 @@ from torch.utils.checkpoint import checkpoint
 
 from r1.model.config import V3Config, yarn_mscale
 from r1.model.hc import HyperConnection, expand_streams, merge_streams
-
-
-class _Recompute(threading.local):
-    active = False  # inside an activation checkpoint's recompute (backward), on this thread
-
-
-RECOMPUTE = _Recompute()
-
-
-@contextlib.contextmanager
-def _recomputing() -> Iterator[None]:
-    old, RECOMPUTE.active = RECOMPUTE.active, True
-    try:
-        yield
-    finally:
-        RECOMPUTE.active = old
-
-
-def checkpointed(fn: Callable[..., object], *args: object) -> object:
-    """fn(*args) with its activations recomputed in backward (non-reentrant torch.utils.checkpoint); the recompute
-    runs with RECOMPUTE.active, so state a forward updates (the MoE load counts) is updated once, not twice."""
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _recomputing()))
 
 
 class RMSNorm(nn.Module):
@@ -411,8 +387,7 @@ class MoE(nn.Module):
         y_ND = self.experts_sum(x_ND, w_NK, idx_NK, cache)
         aux = None
         if self.training:
-            if not RECOMPUTE.active:  # a checkpoint's recompute: these tokens were counted in the forward
-                self.count_tokens(idx_NK, valid_BT)
+            self.count_tokens(idx_NK, valid_BT)
             if self.c.seq_aux_loss_alpha > 0:
                 aux = self.seq_aux_loss(scores_NE.view(B, T, E), idx_NK.view(B, T, K), valid_BT)
         return y_ND.view(B, T, D), aux
@@ -573,7 +548,7 @@ class V3ForCausalLM(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x, a = checkpointed(layer, x, rope, mask, cache, valid)
+                x, a = checkpoint(layer, x, rope, mask, cache, valid, use_reentrant=False)
             else:
                 x, a = layer(x, rope, mask, cache, valid)
             if a is not None:
