@@ -192,6 +192,25 @@ def test_cpu_layer_falls_back_under_autocast():
         assert torch.equal(plain.eval()(ids).hidden, fast.eval()(ids).hidden)
 
 
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_hyper_connections_under_bf16(residual):
+    """The reference hyper-connection path (what a GPU runs) under bf16 autocast: the streams and their mixing stay
+    fp32 and only the block is cast, so forward and backward run and the gradients stay near fp32's."""
+    torch.manual_seed(0)
+    m = V3ForCausalLM(PRESETS["tiny"].replace(residual=residual)).train()
+    ids = torch.randint(0, 256, (2, 12))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        m.zero_grad(set_to_none=True)
+        with compute_context(precision, "cpu"):
+            out = m(ids)
+            (out.hidden.float() ** 2).mean().backward()
+        assert out.hidden.dtype == torch.float32  # the merged stream is the fp32 one
+        grads[precision] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    err = (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()
+    assert 0 < err < 0.05
+
+
 def test_precision_plumbing():
     assert mixed_precision_policy("fp32") is None
     mp = mixed_precision_policy("bf16")

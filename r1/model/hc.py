@@ -222,12 +222,15 @@ class HyperConnection(nn.Module):
     def forward(self, x_BTnD: Tensor, fn: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """x_BTnD -> (H_res x + H_post^T fn(H_pre x), fn's aux output)."""
         n, dt, shape = self.n, x_BTnD.dtype, x_BTnD.shape
-        pre, post, res = self.weights(x_BTnD)
-        pre, res = pre.to(dt).reshape(-1, n), res.to(dt).reshape(-1, n, n)
-        h, xr = _ReadAndMix.apply(x_BTnD, pre, res)
+        # the streams and their mixing stay in the stream's dtype under autocast (bf16 compute): only fn is cast
+        with torch.autocast(x_BTnD.device.type, enabled=False):
+            pre, post, res = self.weights(x_BTnD)
+            pre, res = pre.to(dt).reshape(-1, n), res.to(dt).reshape(-1, n, n)
+            h, xr = _ReadAndMix.apply(x_BTnD, pre, res)
         self.last_h = (pre.detach(), post.detach(), res.detach())
         y_BTD, aux = fn(h.view(*shape[:-2], shape[-1]))
-        x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, n), y_BTD.reshape(-1, shape[-1]))
+        with torch.autocast(x_BTnD.device.type, enabled=False):
+            x_next = _WriteBack.apply(xr, post.to(dt).reshape(-1, n), y_BTD.reshape(-1, shape[-1]).to(dt))
         return x_next.view(shape), aux
 
 
