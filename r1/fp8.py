@@ -197,31 +197,20 @@ def pick_backend(device: torch.device | str, requested: str = "auto") -> str:
 #   128x1 token tiles start at each expert's first row: the rows are laid out padded per expert), so the scales are
 #   the per-expert loop's, and the sums the same per-expert products: tests/test_fp8.py holds the two equal bit
 #   for bit. wgrad is torch._grouped_mm's 2-D x 2-D form, offsets along the contraction (tokens) -> [E, N, K].
-def _forward_loop(xq_MK: Tensor, sx_MK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int], N: int,
-                  out_dtype: torch.dtype, gemm: Gemm) -> Tensor:
-    ys = [gemm(xq, sx, wq_ENK[e], sw_ENK[e], True, out_dtype)[:, :N]
-          for e, (xq, sx) in enumerate(zip(xq_MK.split(splits), sx_MK.split(splits), strict=True)) if xq.shape[0]]
-    return torch.cat(ys) if ys else xq_MK.new_zeros(0, N, dtype=out_dtype)
+def _nt_loop(aq_MK: Tensor, sa_MK: Tensor, bq_ENK: Tensor, sb_ENK: Tensor, splits: list[int], N: int,
+             out_dtype: torch.dtype, gemm: Gemm) -> Tensor:
+    """Row group e of A (1x128 tiles) times B_e^T (128x128 blocks), one GEMM per group: the forward (x W^T) and
+    the dgrad (dy W, B = W^T, whose square blocks reuse W's scales transposed)."""
+    ys = [gemm(q, s, bq_ENK[e], sb_ENK[e], True, out_dtype)[:, :N]
+          for e, (q, s) in enumerate(zip(aq_MK.split(splits), sa_MK.split(splits), strict=True)) if q.shape[0]]
+    return torch.cat(ys) if ys else aq_MK.new_zeros(0, N, dtype=out_dtype)
 
 
-def _forward_grouped(xq_MK: Tensor, sx_MK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, offs_E: Tensor, N: int,
-                     out_dtype: torch.dtype, b: int) -> Tensor:
-    w_ENK = dequantize(wq_ENK, sw_ENK, b, b)
-    return torch._grouped_mm(dequantize(xq_MK, sx_MK, 1, b), w_ENK.transpose(-2, -1), offs=offs_E).to(out_dtype)[:, :N]
-
-
-def _dgrad_loop(dyq_MN: Tensor, sdy_MN: Tensor, wqT_EKN: Tensor, swT_EKN: Tensor, splits: list[int], K: int,
-                out_dtype: torch.dtype, gemm: Gemm) -> Tensor:
-    dxs = [gemm(q, s, wqT_EKN[e], swT_EKN[e], True, out_dtype)[:, :K]
-           for e, (q, s) in enumerate(zip(dyq_MN.split(splits), sdy_MN.split(splits), strict=True)) if q.shape[0]]
-    return torch.cat(dxs) if dxs else dyq_MN.new_zeros(0, K, dtype=out_dtype)
-
-
-def _dgrad_grouped(dyq_MN: Tensor, sdy_MN: Tensor, wqT_EKN: Tensor, swT_EKN: Tensor, offs_E: Tensor, K: int,
-                   out_dtype: torch.dtype, b: int) -> Tensor:
-    wT_EKN = dequantize(wqT_EKN, swT_EKN, b, b)
-    return torch._grouped_mm(dequantize(dyq_MN, sdy_MN, 1, b), wT_EKN.transpose(-2, -1),
-                             offs=offs_E).to(out_dtype)[:, :K]
+def _nt_grouped(aq_MK: Tensor, sa_MK: Tensor, bq_ENK: Tensor, sb_ENK: Tensor, offs_E: Tensor, N: int,
+                out_dtype: torch.dtype, b: int) -> Tensor:
+    """_nt_loop's products as one torch._grouped_mm on the dequantised operands."""
+    b_ENK = dequantize(bq_ENK, sb_ENK, b, b)
+    return torch._grouped_mm(dequantize(aq_MK, sa_MK, 1, b), b_ENK.transpose(-2, -1), offs=offs_E).to(out_dtype)[:, :N]
 
 
 def _wgrad_loop(dy_MN: Tensor, x_MK: Tensor, splits: list[int], cfg: Fp8Config, gemm: Gemm) -> Tensor:
@@ -268,10 +257,10 @@ class _Fp8GroupedMM(torch.autograd.Function):
             xq_MK, sx_MK = quantize(x_MK, 1, b, cfg.pow2_scales)
             counts_E = torch.tensor(splits, device=x_MK.device)
             if grouped:
-                y = _forward_grouped(xq_MK, sx_MK, wq_ENK, sw_ENK, counts_E.cumsum(0).to(torch.int32), N,
+                y = _nt_grouped(xq_MK, sx_MK, wq_ENK, sw_ENK, counts_E.cumsum(0).to(torch.int32), N,
                                      x_MK.dtype, b)
             else:
-                y = _forward_loop(xq_MK, sx_MK, wq_ENK, sw_ENK, splits, N, x_MK.dtype, gemm)
+                y = _nt_loop(xq_MK, sx_MK, wq_ENK, sw_ENK, splits, N, x_MK.dtype, gemm)
         keep = (xq_MK, sx_MK, None) if cfg.fp8_activations else (None, None, x_MK)  # fp8: the memory saving
         ctx.save_for_backward(*keep, wq_ENK, sw_ENK, counts_E)
         ctx.splits, ctx.cfg, ctx.gemm, ctx.grouped = splits, cfg, gemm, grouped
@@ -288,8 +277,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dyq, sdy = quantize(dy_MN, 1, b, cfg.pow2_scales)  # 1x128 along N, the dgrad contraction dim
                 wqT, swT = wq_ENK.transpose(-2, -1).contiguous(), sw_ENK.transpose(-2, -1)
-                dx = _dgrad_grouped(dyq, sdy, wqT, swT, counts_E.cumsum(0).to(torch.int32), K, x_dtype, b) \
-                    if ctx.grouped else _dgrad_loop(dyq, sdy, wqT, swT, splits, K, x_dtype, gemm)
+                dx = _nt_grouped(dyq, sdy, wqT, swT, counts_E.cumsum(0).to(torch.int32), K, x_dtype, b) \
+                    if ctx.grouped else _nt_loop(dyq, sdy, wqT, swT, splits, K, x_dtype, gemm)
             if ctx.needs_input_grad[1]:
                 x_MK = dequantize(xq_MK, sx_MK, 1, b)[:, :K] if x_MK is None else x_MK
                 dw = _wgrad_grouped(dy_MN, x_MK, counts_E, cfg) if ctx.grouped \
@@ -377,7 +366,7 @@ class Fp8Linear(nn.Linear):
 
 class Fp8GroupedExperts(GroupedExperts):
     """Routed experts in FP8: each GEMM one grouped blockwise GEMM over the experts' contiguous token slices
-    (emulated backend; one GEMM per expert's slice on `scaled_mm`: see the note above _forward_loop), same
+    (emulated backend; one GEMM per expert's slice on `scaled_mm`: see the note above _nt_loop), same
     parameters (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as the GroupedExperts it replaces."""
 
     full_precision = False  # no full-precision decode shortcut: rollouts keep the numerics training uses

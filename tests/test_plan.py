@@ -43,6 +43,21 @@ SHAPES: dict[str, tuple[V3Config, int]] = {
 PRECISIONS = ("fp32",)
 
 
+def micro_batch(model: V3ForCausalLM, tokens: int) -> None:
+    """A GRPO-like update micro-batch: forward without MTP, chunked log-probs, backward."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens + 1))
+    h = model(ids[:, :-1], mtp=False).hidden
+    logp, _ = token_logprobs(h, model.lm_head.weight, ids[:, 1:])
+    (-logp.mean()).backward()
+
+
+def hold_gradients_and_state(model: V3ForCausalLM, opt: torch.optim.Optimizer) -> None:
+    """Gradients as an earlier micro-batch leaves them (GRPO gives the MTP modules none), then AdamW's state."""
+    for name, p in model.named_parameters():
+        p.grad = None if name.startswith("mtp.") else torch.zeros_like(p)
+    opt.step()
+
+
 def measured_peak(c: V3Config, tokens: int, precision: str, checkpointing: str = "none") -> dict[str, float]:
     """Peak bytes by kind (Parameter, Gradient, Optstate, Activation, Temp, Total) of a GRPO-like update micro-batch
     (forward without MTP, chunked log-probs, backward) and the fused AdamW step that follows it."""
@@ -51,21 +66,11 @@ def measured_peak(c: V3Config, tokens: int, precision: str, checkpointing: str =
     model = V3ForCausalLM(c).train()
     model.gradient_checkpointing = checkpointing == "full"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, c.vocab_size, (1, tokens + 1))
-
-    def micro_batch() -> None:
-        h = model(ids[:, :-1], mtp=False).hidden
-        logp, _ = token_logprobs(h, model.lm_head.weight, ids[:, 1:])
-        (-logp.mean()).backward()
-
-    # gradients as an earlier micro-batch leaves them (GRPO's update gives the MTP modules none), then AdamW's state
-    for name, p in model.named_parameters():
-        p.grad = None if name.startswith("mtp.") else torch.zeros_like(p)
-    opt.step()
+    hold_gradients_and_state(model, opt)
     tracker = MemTracker()
     tracker.track_external(model, opt)
     with tracker:
-        micro_batch()
+        micro_batch(model, tokens)
         opt.step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     return {getattr(k, "value", k): float(v) for k, v in peak.items()}
@@ -109,19 +114,10 @@ def test_plan_within_20_percent_under_fsdp2_bf16() -> None:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        ids = torch.randint(0, c.vocab_size, (1, tokens + 1))
-
-        def micro_batch() -> None:
-            h = model(ids[:, :-1], mtp=False).hidden
-            logp, _ = token_logprobs(h, model.lm_head.weight, ids[:, 1:])
-            (-logp.mean()).backward()
-
-        for name, p in model.named_parameters():  # sharded gradients held, then AdamW's state (as above)
-            p.grad = None if name.startswith("mtp.") else torch.zeros_like(p)
-        opt.step()
+        hold_gradients_and_state(model, opt)  # sharded
         tracker = FSDPMemTracker(model, opt)
         with tracker:
-            micro_batch()
+            micro_batch(model, tokens)
             opt.step()
         got = {getattr(k, "value", k): float(v)
                for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
