@@ -4,9 +4,10 @@ score, keep the groups with signal), `advantages`, `update` (mu optimizer steps 
 share (`Run`) and where the run is (`Position`, what a checkpoint restores).
 
 Simplifications (named, as nanochat does): data parallelism is a flat gradient all-reduce per optimizer step
-(see Dist; `accelerate launch` starts the processes), not DDP or FSDP sharding; the torch engine shares the policy
-object, so weight sync is a no-op there and a bucketed `load_weights` for a separate engine; the reference model
-is a frozen copy, built only when beta > 0; every rank keeps a full copy of the weights and optimizer state.
+(see Dist; `accelerate launch` starts the processes), or FSDP2 when launched so; the torch engine shares the policy
+object (under FSDP2 the ranks decode in lockstep on the sharded model), so weight sync is a no-op there and a
+bucketed `load_weights` for a separate engine; the reference model is a second frozen load, built only when
+beta > 0 and sharded as the policy is.
 For the native model the update runs each micro-batch's distinct prompts once and attends the G completions to
 them (`shared_prefix`, `sequence_logprobs`): the same numbers as G whole sequences, fewer FLOPs.
 """
