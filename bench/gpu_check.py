@@ -20,6 +20,7 @@ import time
 import torch
 
 from r1 import trainer
+from r1.compute import fp8_contraction_dims
 from r1.model.config import PRESETS, V3Config, count_params, human
 from r1.model.model import V3ForCausalLM
 from r1.parallel import Dist
@@ -43,7 +44,8 @@ def run(precision: str, c: V3Config, args: argparse.Namespace, dist: Dist) -> di
     torch.manual_seed(0)
     with torch.device(dist.device):
         model = V3ForCausalLM(c)
-    block = args.fp8_block or (128 if c.hidden_size % 128 == 0 else 32)
+    dims = fp8_contraction_dims(c).values()
+    block = args.fp8_block or next(b for b in (128, 64, 32, 16) if all(k % b == 0 for k in dims))
     model = prepare_model(model, dist, precision, block, args.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), fused=dist.device.type == "cuda")
     B, P, C = args.batch, args.prompt, args.completion
@@ -76,7 +78,7 @@ def run(precision: str, c: V3Config, args: argparse.Namespace, dist: Dist) -> di
     flops = count_params(c, seq_len=P + C).train_flops_per_token * tokens
     peak = torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else float("nan")
     out = {"step_s": step, "tokens_per_s": tokens / step, "mfu": flops / step / peak_flops(), "peak_gib": peak,
-           "loss": float(loss)}
+           "loss": float(loss.detach())}
     print(f"{precision:>5}: step {step * 1e3:8.1f} ms  {out['tokens_per_s']:10.0f} tok/s  MFU {out['mfu']:6.1%}  "
           f"peak {peak:6.2f} GiB  (loss {out['loss']:.4f})", flush=True)
     del model, opt
@@ -94,7 +96,7 @@ def main() -> None:
     ap.add_argument("--completion", type=int, default=1792)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--fp8-block", type=int, default=0, help="0 = 128 where the shapes allow, else 32")
+    ap.add_argument("--fp8-block", type=int, default=0, help="0 = the largest of 128/64/32/16 the shapes allow")
     ap.add_argument("--gradient-checkpointing", default="none")
     args = ap.parse_args()
     c = GPU_1B if args.config == "gpu1b" else PRESETS[args.config]
