@@ -94,19 +94,13 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def full_state(self, model: nn.Module, opt: torch.optim.Optimizer | None = None,
-                   everywhere: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Unsharded model (and optimizer) state dicts; a collective under FSDP. On rank 0 only, in CPU memory,
-        unless `everywhere`."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+    def full_state(self, model: nn.Module, everywhere: bool = False) -> dict[str, Any]:
+        """The unsharded model state dict; a collective under FSDP. On rank 0 only, in CPU memory, unless
+        `everywhere`."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         o = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere and self.world > 1)
-        msd = get_model_state_dict(model, options=o)
-        return msd, None if opt is None else get_optimizer_state_dict(model, opt, options=o)
+        return get_model_state_dict(model, options=o)
 
     def load_full_state(self, model: nn.Module, msd: dict[str, Any]) -> None:
         """A full (unsharded) model state dict into `model`, sharded or not."""
@@ -124,7 +118,7 @@ class Dist:
     def same_parameters(self, model: nn.Module) -> bool:
         """True when every rank holds bit-identical parameters (max == min of a per-rank checksum); under FSDP the
         gathered full parameters are compared."""
-        params = list(self.full_state(model, everywhere=True)[0].values()) if self.fsdp else \
+        params = list(self.full_state(model, everywhere=True).values()) if self.fsdp else \
             [p.detach() for p in model.parameters()]
         s = torch.stack([p.double().sum() + (p.double() ** 2).sum() for p in params if p.is_floating_point()])
         s = s.to(self.device)

@@ -96,7 +96,7 @@ def export(model: nn.Module, tok: Any, directory: Path, state_dict: dict[str, Te
         save_hf(model, directory, main=main)
     else:
         if state_dict is None and dist is not None and dist.fsdp:
-            state_dict = dist.full_state(model)[0]
+            state_dict = dist.full_state(model)
         if main:
             model.save_pretrained(directory, state_dict=state_dict)
     if main:

@@ -505,7 +505,7 @@ def save_checkpoint(run: Run, pos: Position) -> None:
     position: a collective."""
     extra = {"scheduler": run.sched.state_dict(), "cursor": pos.cursor, "keep_rate": pos.keep_rate}
     if run.ref is not None:
-        extra["ref"] = run.dist.full_state(run.ref)[0]  # (gathered on rank 0 under FSDP2)
+        extra["ref"] = run.dist.full_state(run.ref)  # (gathered on rank 0 under FSDP2)
     checkpoint.save(run.out_dir / "checkpoints", pos.step, run.policy, run.opt, extra, run.dist,
                     keep=run.cfg.keep_last)
 

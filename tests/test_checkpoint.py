@@ -141,7 +141,7 @@ def build():
 
 torch.manual_seed(d.rank)
 a, opt_a = build()
-loaded = d.full_state(a)[0]
+loaded = d.full_state(a)
 if d.main:
     torch.save(loaded, out / "loaded.pt")
 train_steps(a, opt_a, 4)  # uninterrupted
@@ -162,7 +162,7 @@ with torch.no_grad():
     c.eval()
     logits = c(ids, attention_mask=torch.ones_like(ids), mtp=False).hidden @ c.lm_head.weight.T  # root: unsharded
 save_hf(c, out / "export", max_shard_bytes=20_000, main=d.main)  # gathered one parameter at a time
-full = d.full_state(c)[0]
+full = d.full_state(c)
 if d.main:
     torch.save({"logits": logits, "state": full}, out / "ref.pt")
 torch.distributed.destroy_process_group()
