@@ -75,22 +75,45 @@ def _ceil_pow2(s: Tensor) -> Tensor:
     return torch.ldexp(torch.ones_like(s), exp - (mant == 0.5).to(exp.dtype))
 
 
+def _tiles(x: Tensor, rows: int, block: int, pow2: bool) -> tuple[Tensor, Tensor]:
+    """x [..., M, K] zero-padded to the tile grid, as fp32 tiles [..., Mt, rows, Kt, block], and the scale of each
+    tile s [..., Mt, Kt] = amax / 448 (optionally rounded up to a power of two)."""
+    *lead, M, K = x.shape
+    pm, pk = -M % rows, -K % block
+    xp = F.pad(x.float(), (0, pk, 0, pm)) if pm or pk else x.float()
+    tiles = xp.reshape(*lead, (M + pm) // rows, rows, (K + pk) // block, block)
+    # amax floor: an all-zero tile gets a tiny finite scale (q = 0) instead of 0/0.
+    s = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / E4M3_MAX
+    return tiles, _ceil_pow2(s) if pow2 else s
+
+
 def quantize(x: Tensor, rows: int, block: int = 128, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """x [..., M, K] -> (q [..., Mp, Kp] e4m3, s [..., Mp/rows, Kp/block] fp32), one scale per rows x block tile
     (rows=1: activation tiles along K; rows=block: weight blocks). s = amax / 448, q = x / s; M and K are
     zero-padded to the tile grid. x ~= q * s (see `dequantize`)."""
-    *lead, M, K = x.shape
-    pm, pk = -M % rows, -K % block
-    xp = F.pad(x.float(), (0, pk, 0, pm)) if pm or pk else x.float()
-    Mt, Kt = (M + pm) // rows, (K + pk) // block
-    tiles = xp.reshape(*lead, Mt, rows, Kt, block)
-    # amax floor: an all-zero tile gets a tiny finite scale (q = 0) instead of 0/0.
-    s = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / E4M3_MAX
-    if pow2:
-        s = _ceil_pow2(s)
+    tiles, s = _tiles(x, rows, block, pow2)
     # clamp: x / s can land a rounding step above 448, which e4m3fn (no inf) would turn into NaN
     q = (tiles / s[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q.reshape(*lead, M + pm, K + pk), s
+    return q.flatten(-4, -3).flatten(-2, -1), s
+
+
+def round_e4m3(v: Tensor) -> Tensor:
+    """In place: fp32 v rounded to the nearest E4M3 value, ties to even, as `v.clamp(-448, 448).to(e4m3fn).float()`
+    gives for |v| < 464, in fp32 arithmetic. Each binade [2^e, 2^(e+1)) holds 8 E4M3 values, 2^(e-3) apart; below
+    2^-6 (subnormals) they are 2^-9 apart. Why not the cast: a CPU converts e4m3 back to fp32 ~30x slower than it
+    multiplies, and the emulation would spend most of its time there."""
+    exp_bits = v.view(torch.int32) & 0x7F800000  # 2^e as fp32 bits (sign and mantissa dropped)
+    quantum = exp_bits.clamp_(min=(127 - 6) << 23).sub_(3 << 23).view(torch.float32)  # 2^(max(e, -6) - 3)
+    return v.div_(quantum).round_().mul_(quantum)  # exact: powers of two; round() is ties-to-even
+
+
+def fake_quantize(x: Tensor, rows: int, block: int = 128, pow2: bool = False) -> Tensor:
+    """`dequantize(*quantize(x, rows, block, pow2), rows, block)` bit for bit, without an fp8 tensor: x's values on
+    its tiles' E4M3 grid, fp32, padded [..., Mp, Kp]. The emulated backend's GEMM operands."""
+    tiles, s = _tiles(x, rows, block, pow2)
+    s = s[..., :, None, :, None]
+    v = round_e4m3(tiles / s) * s  # |x / s| <= 448 up to one rounding step, which rounds back to 448
+    return v.flatten(-4, -3).flatten(-2, -1)
 
 
 def dequantize(q: Tensor, s: Tensor, rows: int, block: int = 128) -> Tensor:
@@ -189,14 +212,16 @@ def pick_backend(device: torch.device | str, requested: str = "auto") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-# The three GEMMs of routed experts (row group e = expert e's contiguous token slice), two ways:
-# - per expert: a loop of `gemm` calls on each expert's slice (any backend; `scaled_mm` runs this way: torch's
-#   grouped scaled GEMM, F.scaled_grouped_mm, takes row-wise or MX scales, not DeepSeek's 1x128 / 128x128 blocks);
-# - grouped (the `emulated` backend): operands quantised once for all rows, dequantised to fp32, and ONE
-#   torch._grouped_mm per GEMM. Tiles never cross experts (1x128 tiles run along K or N within a row; wgrad's
-#   128x1 token tiles start at each expert's first row: the rows are laid out padded per expert), so the scales are
-#   the per-expert loop's, and the sums the same per-expert products: tests/test_fp8.py holds the two equal bit
-#   for bit. wgrad is torch._grouped_mm's 2-D x 2-D form, offsets along the contraction (tokens) -> [E, N, K].
+# The three GEMMs of routed experts (row group e = expert e's contiguous token slice; a linear is one group), two
+# ways:
+# - `emulated` (_Fp8EmulatedMM): each operand fake-quantised (its fp8 copy's values, scales applied, in fp32), then
+#   plain fp32 GEMMs: one torch._grouped_mm per GEMM, or the per-expert loop (`grouped=False`), equal bit for bit
+#   (tests/test_fp8.py). Tiles never cross experts: 1x128 tiles run along K or N within a row, and wgrad's 128x1
+#   token tiles start at each expert's first row (rows laid out padded per expert), so the scales are the
+#   per-expert loop's. W's square blocks serve the dgrad as they are (its transpose has the same blocks).
+# - any NT backend (_Fp8GroupedMM: `emulated_exact`, `scaled_mm`): a loop of `gemm` calls on fp8 operands per
+#   expert. torch's grouped scaled GEMM (F.scaled_grouped_mm) takes row-wise or MX scales, not DeepSeek's 1x128 /
+#   128x128 blocks, so `scaled_mm` loops too.
 def _nt_loop(aq_MK: Tensor, sa_MK: Tensor, bq_ENK: Tensor, sb_ENK: Tensor, splits: list[int], N: int,
              out_dtype: torch.dtype, gemm: Gemm) -> Tensor:
     """Row group e of A (1x128 tiles) times B_e^T (128x128 blocks), one GEMM per group: the forward (x W^T) and
@@ -204,13 +229,6 @@ def _nt_loop(aq_MK: Tensor, sa_MK: Tensor, bq_ENK: Tensor, sb_ENK: Tensor, split
     ys = [gemm(q, s, bq_ENK[e], sb_ENK[e], True, out_dtype)[:, :N]
           for e, (q, s) in enumerate(zip(aq_MK.split(splits), sa_MK.split(splits), strict=True)) if q.shape[0]]
     return torch.cat(ys) if ys else aq_MK.new_zeros(0, N, dtype=out_dtype)
-
-
-def _nt_grouped(aq_MK: Tensor, sa_MK: Tensor, bq_ENK: Tensor, sb_ENK: Tensor, offs_E: Tensor, N: int,
-                out_dtype: torch.dtype, b: int) -> Tensor:
-    """_nt_loop's products as one torch._grouped_mm on the dequantised operands."""
-    b_ENK = dequantize(bq_ENK, sb_ENK, b, b)
-    return torch._grouped_mm(dequantize(aq_MK, sa_MK, 1, b), b_ENK.transpose(-2, -1), offs=offs_E).to(out_dtype)[:, :N]
 
 
 def _wgrad_loop(dy_MN: Tensor, x_MK: Tensor, splits: list[int], cfg: Fp8Config, gemm: Gemm) -> Tensor:
@@ -226,65 +244,113 @@ def _wgrad_loop(dy_MN: Tensor, x_MK: Tensor, splits: list[int], cfg: Fp8Config, 
     return dw
 
 
-def _wgrad_grouped(dy_MN: Tensor, x_MK: Tensor, counts_E: Tensor, cfg: Fp8Config) -> Tensor:
-    b, M = cfg.block, dy_MN.shape[0]
-    # each expert's rows from a multiple of b, zero rows between (zeros change neither amax nor the sums)
-    padded_E = (counts_E + b - 1) // b * b
-    ends_E = padded_E.cumsum(0)
-    expert_M = torch.repeat_interleave(torch.arange(len(counts_E), device=dy_MN.device), counts_E, output_size=M)
-    row_M = (ends_E - padded_E - (counts_E.cumsum(0) - counts_E))[expert_M] + torch.arange(M, device=dy_MN.device)
-    Mp = int(ends_E[-1]) if len(ends_E) else 0
-
-    def tiles_along_tokens(t_MX: Tensor) -> Tensor:  # [X, Mp]: quantised per 1 x b tile of t^T, dequantised
-        t_MpX = t_MX.new_zeros(Mp, t_MX.shape[1]).index_copy_(0, row_M, t_MX)
-        q, s = quantize(t_MpX.t(), 1, b, cfg.pow2_scales)
-        return dequantize(q, s, 1, b)
-
-    dy_NMp, x_KMp = tiles_along_tokens(dy_MN), tiles_along_tokens(x_MK)
-    return torch._grouped_mm(dy_NMp, x_KMp.t(), offs=ends_E.to(torch.int32))
-
-
 class _Fp8GroupedMM(torch.autograd.Function):
-    """y [M, N] = x [M, K] . W_e^T for row group e (`splits` rows each; one group = a plain linear).
-    Takes the master W [E, N, K] (for its gradient) and its cached quantisation wq [E, Np, Kp], sw [E, Nb, Kb].
-    `grouped`: one torch._grouped_mm per GEMM (the emulated backend) instead of the per-expert loop."""
+    """y [M, N] = x [M, K] . W_e^T for row group e (`splits` rows each) on an NT `gemm` backend, one call per group.
+    Takes the master W [E, N, K] (for its gradient) and its cached quantisation wq [E, Np, Kp], sw [E, Nb, Kb]."""
 
     @staticmethod
     def forward(ctx, x_MK: Tensor, w_ENK: Tensor, wq_ENK: Tensor, sw_ENK: Tensor, splits: list[int],
-                cfg: Fp8Config, gemm: Gemm, grouped: bool = False) -> Tensor:
+                cfg: Fp8Config, gemm: Gemm) -> Tensor:
         with torch.autocast(x_MK.device.type, enabled=False):  # fp32 accumulation, whatever autocast says
-            K, N, b = x_MK.shape[1], w_ENK.shape[1], cfg.block
-            xq_MK, sx_MK = quantize(x_MK, 1, b, cfg.pow2_scales)
-            counts_E = torch.tensor(splits, device=x_MK.device)
-            if grouped:
-                y = _nt_grouped(xq_MK, sx_MK, wq_ENK, sw_ENK, counts_E.cumsum(0).to(torch.int32), N,
-                                     x_MK.dtype, b)
-            else:
-                y = _nt_loop(xq_MK, sx_MK, wq_ENK, sw_ENK, splits, N, x_MK.dtype, gemm)
+            xq_MK, sx_MK = quantize(x_MK, 1, cfg.block, cfg.pow2_scales)
+            y = _nt_loop(xq_MK, sx_MK, wq_ENK, sw_ENK, splits, w_ENK.shape[1], x_MK.dtype, gemm)
         keep = (xq_MK, sx_MK, None) if cfg.fp8_activations else (None, None, x_MK)  # fp8: the memory saving
-        ctx.save_for_backward(*keep, wq_ENK, sw_ENK, counts_E)
-        ctx.splits, ctx.cfg, ctx.gemm, ctx.grouped = splits, cfg, gemm, grouped
-        ctx.meta = (K, N, x_MK.dtype, w_ENK.dtype)
+        ctx.save_for_backward(*keep, wq_ENK, sw_ENK)
+        ctx.splits, ctx.cfg, ctx.gemm = splits, cfg, gemm
+        ctx.meta = (x_MK.shape[1], x_MK.dtype, w_ENK.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy_MN: Tensor):
-        xq_MK, sx_MK, x_MK, wq_ENK, sw_ENK, counts_E = ctx.saved_tensors
-        K, N, x_dtype, w_dtype = ctx.meta
+        xq_MK, sx_MK, x_MK, wq_ENK, sw_ENK = ctx.saved_tensors
+        K, x_dtype, w_dtype = ctx.meta
         cfg, gemm, splits, b = ctx.cfg, ctx.gemm, ctx.splits, ctx.cfg.block
         dx = dw = None
         with torch.autocast(dy_MN.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 dyq, sdy = quantize(dy_MN, 1, b, cfg.pow2_scales)  # 1x128 along N, the dgrad contraction dim
-                wqT, swT = wq_ENK.transpose(-2, -1).contiguous(), sw_ENK.transpose(-2, -1)
-                dx = _nt_grouped(dyq, sdy, wqT, swT, counts_E.cumsum(0).to(torch.int32), K, x_dtype, b) \
-                    if ctx.grouped else _nt_loop(dyq, sdy, wqT, swT, splits, K, x_dtype, gemm)
+                dx = _nt_loop(dyq, sdy, wq_ENK.transpose(-2, -1).contiguous(), sw_ENK.transpose(-2, -1), splits, K,
+                              x_dtype, gemm)
             if ctx.needs_input_grad[1]:
                 x_MK = dequantize(xq_MK, sx_MK, 1, b)[:, :K] if x_MK is None else x_MK
-                dw = _wgrad_grouped(dy_MN, x_MK, counts_E, cfg) if ctx.grouped \
-                    else _wgrad_loop(dy_MN, x_MK, splits, cfg, gemm)
+                dw = _wgrad_loop(dy_MN, x_MK, splits, cfg, gemm).to(w_dtype)
+        return dx, dw, None, None, None, None, None
+
+
+def _gmm(a_MX: Tensor, b_EXY: Tensor, splits: list[int], grouped: bool) -> Tensor:
+    """Row group e of a [M, X] times b[e] [X, Y] -> [M, Y] in fp32: one torch._grouped_mm, or a loop of mm."""
+    if len(splits) == 1:
+        return a_MX @ b_EXY[0]
+    if grouped:
+        return torch._grouped_mm(a_MX, b_EXY, offs=torch.tensor(splits, device=a_MX.device).cumsum(0).to(torch.int32))
+    ys = [a @ b_EXY[e] for e, a in enumerate(a_MX.split(splits)) if a.shape[0]]
+    return torch.cat(ys) if ys else a_MX.new_zeros(0, b_EXY.shape[-1])
+
+
+def _first_cols(t: Tensor, n: int) -> Tensor:
+    """t[:, :n] without the block padding, as a tensor of its own (autograd refuses a Function output that is a
+    view the caller then modifies in place)."""
+    return t if t.shape[-1] == n else t[:, :n].contiguous()
+
+
+def _token_tiles(t_MX: Tensor, splits: list[int], b: int) -> tuple[Tensor, list[int]]:
+    """wgrad's operand: t fake-quantised in b x 1 tiles along the tokens, each group's rows starting a tile
+    (zero rows between groups: zeros change neither amax nor the sums) -> ([Mp, X], padded splits)."""
+    padded = [-(-n // b) * b for n in splits]
+    if len(splits) == 1:
+        return t_MX, padded  # fake_quantize pads the end itself
+    dev, M = t_MX.device, t_MX.shape[0]
+    counts_E, padded_E = torch.tensor(splits, device=dev), torch.tensor(padded, device=dev)
+    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)  # new group start - old
+    row_M = torch.arange(M, device=dev) + torch.repeat_interleave(shift_E, counts_E, output_size=M)
+    return t_MX.new_zeros(sum(padded), t_MX.shape[1]).index_copy_(0, row_M, t_MX), padded
+
+
+class _Fp8EmulatedMM(torch.autograd.Function):
+    """The `emulated` backend: y [M, N] = x [M, K] . W_e^T for row group e, on fake-quantised operands in fp32:
+      forward  y  = fq(x; 1xb along K)  . Wq_e^T          Wq = W on its b x b block grid (`wv_ENK`, cached)
+      dgrad    dx = fq(dy; 1xb along N) . Wq_e             the same blocks: W^T's are W's transposed
+      wgrad    dW_e = fq(dy_e; bx1 along tokens)^T . fq(x_e; bx1 along tokens)
+    with x in wgrad its forward fp8 copy re-quantised (fp8_activations, V3) or x as given. Saved activations are
+    the fp8 copy's values in fp32 (4 bytes an element, where a GPU keeps 1): emulation buys numerics, not memory."""
+
+    @staticmethod
+    def forward(ctx, x_MK: Tensor, w_ENK: Tensor, wv_ENK: Tensor, splits: list[int], cfg: Fp8Config,
+                grouped: bool) -> Tensor:
+        with torch.autocast(x_MK.device.type, enabled=False):
+            xv_MK = fake_quantize(x_MK, 1, cfg.block, cfg.pow2_scales)
+            y = _first_cols(_gmm(xv_MK, wv_ENK.transpose(-2, -1), splits, grouped), w_ENK.shape[1]).to(x_MK.dtype)
+        ctx.save_for_backward(xv_MK if cfg.fp8_activations else x_MK, wv_ENK)
+        ctx.splits, ctx.cfg, ctx.grouped = splits, cfg, grouped
+        ctx.meta = (x_MK.shape[1], x_MK.dtype, w_ENK.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_MN: Tensor):
+        x_MK, wv_ENK = ctx.saved_tensors
+        K, x_dtype, w_dtype = ctx.meta
+        cfg, splits, grouped, b = ctx.cfg, ctx.splits, ctx.grouped, ctx.cfg.block
+        dx = dw = None
+        with torch.autocast(dy_MN.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                dyv_MN = fake_quantize(dy_MN, 1, b, cfg.pow2_scales)
+                dx = _first_cols(_gmm(dyv_MN, wv_ENK, splits, grouped), K).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                dy_PN, padded = _token_tiles(dy_MN.float(), splits, b)
+                x_PK, _ = _token_tiles(x_MK[:, :K].float(), splits, b)
+                dyv_PN, xv_PK = (fake_quantize(t, b, 1, cfg.pow2_scales) for t in (dy_PN, x_PK))
+                if len(splits) == 1:
+                    dw = (dyv_PN.t() @ xv_PK)[None]
+                elif grouped:  # 2-D x 2-D: offsets along the contraction (tokens) -> [E, N, K]
+                    offs = torch.tensor(padded, device=dy_MN.device).cumsum(0).to(torch.int32)
+                    dw = torch._grouped_mm(dyv_PN.t(), xv_PK, offs=offs)
+                else:
+                    dw = dy_MN.new_zeros(len(splits), dy_MN.shape[1], K, dtype=torch.float32)
+                    for e, (d, x) in enumerate(zip(dyv_PN.split(padded), xv_PK.split(padded), strict=True)):
+                        if d.shape[0]:
+                            dw[e] = d.t() @ x
                 dw = dw.to(w_dtype)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None
 
 
 class _WeightCache:
@@ -297,6 +363,8 @@ class _WeightCache:
         self.key: tuple[int, int] | None = None
         self.q: Tensor | None = None
         self.s: Tensor | None = None
+        self.values_key: tuple[int, int] | None = None
+        self.v: Tensor | None = None
 
     def get(self, w: Tensor, cfg: Fp8Config) -> tuple[Tensor, Tensor]:
         key = (w._version, w.data_ptr())
@@ -306,11 +374,24 @@ class _WeightCache:
             self.key = key
         return self.q, self.s
 
+    def values(self, w: Tensor, cfg: Fp8Config) -> Tensor:
+        """The fp8 copy's values in fp32 (padded to the block grid): the emulated backend's operand. Trainable:
+        fake-quantised every forward; frozen: the cached copy (adopted checkpoint bytes included) dequantised once."""
+        b = cfg.block
+        if w.requires_grad:
+            with torch.no_grad():
+                return fake_quantize(w.detach(), b, b, cfg.pow2_scales)
+        key = (w._version, w.data_ptr())
+        if key != self.values_key:
+            self.v, self.values_key = dequantize(*self.get(w, cfg), b, b), key
+        return self.v
+
     def set(self, w: Tensor, q: Tensor, s: Tensor, block: int) -> None:
         """Adopt checkpoint fp8 bytes (q [..., N, K] unpadded, s = weight_scale_inv) as they are."""
         N, K = q.shape[-2:]
         self.q = F.pad(q.view(torch.uint8), (0, -K % block, 0, -N % block)).view(E4M3)
         self.s, self.key = s.float().to(q.device), (w._version, w.data_ptr())
+        self.values_key = None
 
 
 def _autocast_input(x: Tensor) -> Tensor:
@@ -319,8 +400,19 @@ def _autocast_input(x: Tensor) -> Tensor:
     return x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
 
 
-def _gemm_for(x: Tensor, cfg: Fp8Config) -> Gemm:
-    return BACKENDS[pick_backend(x.device, cfg.backend)]
+def _groups(t: Tensor) -> Tensor:
+    return t.view(-1, *t.shape[-2:])  # [N, K] -> one group [1, N, K]
+
+
+def _fp8_mm(x_MK: Tensor, w: Tensor, cache: _WeightCache, splits: list[int], cfg: Fp8Config,
+            grouped: bool) -> Tensor:
+    """x's row group e times W_e^T (w [E, N, K], or [N, K]: one group) on the configured backend: the fast
+    emulation, or a loop of NT GEMMs."""
+    if BACKENDS[pick_backend(x_MK.device, cfg.backend)] is gemm_emulated:
+        return _Fp8EmulatedMM.apply(x_MK, _groups(w), _groups(cache.values(w, cfg)), splits, cfg, grouped)
+    wq, sw = cache.get(w, cfg)
+    return _Fp8GroupedMM.apply(x_MK, _groups(w), _groups(wq), _groups(sw), splits, cfg,
+                               BACKENDS[pick_backend(x_MK.device, cfg.backend)])
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -344,11 +436,9 @@ class Fp8Linear(nn.Linear):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        wq, sw = self._cache.get(self.weight, self.cfg)
         x = _autocast_input(x)
         x_MK = x.reshape(-1, self.in_features)
-        y = _Fp8GroupedMM.apply(x_MK, self.weight.unsqueeze(0), wq.unsqueeze(0), sw.unsqueeze(0), [x_MK.shape[0]],
-                                self.cfg, _gemm_for(x, self.cfg))
+        y = _fp8_mm(x_MK, self.weight, self._cache, [x_MK.shape[0]], self.cfg, grouped=False)
         y = y if self.bias is None else y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -387,11 +477,8 @@ class Fp8GroupedExperts(GroupedExperts):
         return m
 
     def _mm(self, x_NX: Tensor, name: str, splits: list[int]) -> Tensor:
-        w_EYX = getattr(self, name)
-        wq, sw = self._caches[name].get(w_EYX, self.cfg)
-        gemm = _gemm_for(x_NX, self.cfg)
-        grouped = self.grouped and gemm is gemm_emulated and hasattr(torch, "_grouped_mm")
-        return _Fp8GroupedMM.apply(x_NX, w_EYX, wq, sw, splits, self.cfg, gemm, grouped)
+        return _fp8_mm(x_NX, getattr(self, name), self._caches[name], splits, self.cfg,
+                       self.grouped and hasattr(torch, "_grouped_mm"))
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         splits = counts_E.tolist()  # one host sync per layer, as the non-grouped fallback

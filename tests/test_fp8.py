@@ -21,6 +21,7 @@ from r1.fp8 import (
     convert_to_fp8,
     dequantize,
     dequantize_fp8,
+    fake_quantize,
     fp8_modules,
     gemm_emulated,
     gemm_emulated_exact,
@@ -29,6 +30,7 @@ from r1.fp8 import (
     pick_backend,
     quantize,
     quantize_fp8,
+    round_e4m3,
 )
 from r1.model import PRESETS, LatentCache, V3ForCausalLM
 from r1.model import hf as hf_io
@@ -340,17 +342,18 @@ def test_weight_cache_follows_the_master():
     v = lin.weight._version
     torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True).step()
     assert lin.weight._version == v  # the hazard: no version bump
-    lin(x)
-    assert torch.equal(lin._cache.q.view(torch.uint8), quantize(lin.weight.detach(), 128)[0].view(torch.uint8))
+    fresh = Fp8Linear(256, 256, bias=True)
+    fresh.load_state_dict(lin.state_dict())
+    assert torch.equal(lin(x), fresh(x))  # the stepped master's fp8 copy, not the stale one
     lin.requires_grad_(False)
     lin(x)
-    q0 = lin._cache.q
+    v0 = lin._cache.v
     lin(x)
-    assert lin._cache.q is q0  # frozen and unchanged: no re-quantisation
+    assert lin._cache.v is v0  # frozen and unchanged: no re-quantisation
     with torch.no_grad():
         lin.weight.mul_(2)
     lin(x)
-    assert lin._cache.q is not q0 and torch.equal(lin._cache.s, 2 * quantize(lin.weight / 2, 128)[1])
+    assert lin._cache.v is not v0 and torch.equal(lin._cache.v, 2 * v0)  # scales double, fp8 bytes unchanged
 
 
 def test_checkpoint_fp8_weights_used_as_they_are():
@@ -498,3 +501,22 @@ def test_training_300_steps_fp8_matches_fp32():
     print(f"300 steps: fp32 {tail(ref):.4f}  fp8+bf16-moments {tail(fp8):.4f}  (start {ref[0]:.4f})")
     assert tail(ref) < 0.4 * ref[0]  # it learned something, so the comparison means something
     assert abs(tail(fp8) - tail(ref)) / tail(ref) < 0.02
+
+
+def test_fake_quantize_is_the_fp8_round_trip_bit_for_bit():
+    """The emulated backend's operands (fp32 arithmetic, no fp8 tensor) equal quantize -> dequantize exactly: every
+    E4M3 value, every tie between neighbours (ties to even) and one ulp either side, tiles of every shape."""
+    vals = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    vals = vals[vals.isfinite()].unique()
+    mid = (vals[1:] + vals[:-1]) / 2
+    big, g = torch.tensor(1e9), torch.Generator().manual_seed(11)
+    v = torch.cat([vals, mid, torch.nextafter(mid, big), torch.nextafter(mid, -big),
+                   torch.randn(20000, generator=g) * torch.logspace(-8, 2.6, 20000)]).clamp(-448, 448)
+    assert torch.equal(round_e4m3(v.clone()), v.to(E4M3).float())
+    over = torch.tensor([448.0001, 455.0, 463.99, -463.99])  # one rounding step past 448 (x / s) rounds back
+    assert torch.equal(round_e4m3(over), torch.tensor([448.0, 448.0, 448.0, -448.0]))
+    x = torch.randn(2, 70, 200, generator=g) * torch.logspace(-3, 3, 200)
+    x[0, :5] = 0
+    for rows, block, pow2 in [(1, 32, False), (32, 32, True), (128, 1, False), (1, 128, True)]:
+        want = dequantize(*quantize(x, rows, block, pow2), rows, block)
+        assert torch.equal(fake_quantize(x, rows, block, pow2), want)
