@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from r1.model.hf import dequantize_fp8
 from r1.model.model import GroupedExperts
@@ -353,44 +354,59 @@ class _Fp8EmulatedMM(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
+_optimizer_steps = 0  # optimizer steps taken in this process (any optimizer): part of every cached copy's key
+
+
+def _count_step(*_: object) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# fused optimizers (AdamW(fused=True)) update in place without bumping the version counter: count their steps
+register_optimizer_step_post_hook(_count_step)
+
+
 class _WeightCache:
-    """The fp8 copy of one master weight. A frozen master's copy (reference model, checkpoint fp8 weights) is
-    kept until the master's (version, storage) changes. A trainable master is re-quantised on every forward:
-    fused optimizers (AdamW(fused=True)) update in place without bumping the version counter, so a cached
-    copy could silently go stale; the backward still reuses the forward's copy."""
+    """The fp8 copy of one master weight, kept until the master's (version, storage, trainable) or the process's
+    optimizer step count changes: a forward, its backward and every decode step between two optimizer steps share
+    one quantisation. Checkpoint fp8 bytes (`set`) serve while the master is frozen (reference / rollout copies);
+    a trainable master re-quantises its own values."""
 
     def __init__(self) -> None:
-        self.key: tuple[int, int] | None = None
+        self.key: tuple | None = None
         self.q: Tensor | None = None
         self.s: Tensor | None = None
-        self.values_key: tuple[int, int] | None = None
+        self.values_key: tuple | None = None
         self.v: Tensor | None = None
 
+    @staticmethod
+    def _key(w: Tensor, trainable: bool) -> tuple:
+        return w._version, w.data_ptr(), trainable, _optimizer_steps
+
     def get(self, w: Tensor, cfg: Fp8Config) -> tuple[Tensor, Tensor]:
-        key = (w._version, w.data_ptr())
-        if w.requires_grad or key != self.key:
+        key = self._key(w, w.requires_grad)
+        if key != self.key:
             with torch.no_grad():
                 self.q, self.s = quantize(w.detach(), cfg.block, cfg.block, cfg.pow2_scales)
             self.key = key
         return self.q, self.s
 
     def values(self, w: Tensor, cfg: Fp8Config) -> Tensor:
-        """The fp8 copy's values in fp32 (padded to the block grid): the emulated backend's operand. Trainable:
-        fake-quantised every forward; frozen: the cached copy (adopted checkpoint bytes included) dequantised once."""
-        b = cfg.block
-        if w.requires_grad:
-            with torch.no_grad():
-                return fake_quantize(w.detach(), b, b, cfg.pow2_scales)
-        key = (w._version, w.data_ptr())
+        """The fp8 copy's values in fp32 (padded to the block grid): the emulated backend's operand, equal to
+        dequantising `get`'s copy (trainable: fake-quantised in arithmetic, no fp8 round trip)."""
+        key, b = self._key(w, w.requires_grad), cfg.block
         if key != self.values_key:
-            self.v, self.values_key = dequantize(*self.get(w, cfg), b, b), key
+            with torch.no_grad():
+                self.v = fake_quantize(w.detach(), b, b, cfg.pow2_scales) if w.requires_grad \
+                    else dequantize(*self.get(w, cfg), b, b)
+            self.values_key = key
         return self.v
 
     def set(self, w: Tensor, q: Tensor, s: Tensor, block: int) -> None:
-        """Adopt checkpoint fp8 bytes (q [..., N, K] unpadded, s = weight_scale_inv) as they are."""
+        """Adopt checkpoint fp8 bytes (q [..., N, K] unpadded, s = weight_scale_inv) as they are (while frozen)."""
         N, K = q.shape[-2:]
         self.q = F.pad(q.view(torch.uint8), (0, -K % block, 0, -N % block)).view(E4M3)
-        self.s, self.key = s.float().to(q.device), (w._version, w.data_ptr())
+        self.s, self.key = s.float().to(q.device), self._key(w, trainable=False)
         self.values_key = None
 
 

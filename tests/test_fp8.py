@@ -334,11 +334,14 @@ def test_convert_recipe_and_decode_path():
 
 
 def test_weight_cache_follows_the_master():
-    """Trainable: re-quantised every forward, so a fused AdamW step (which leaves the version counter alone)
-    is seen. Frozen: quantised once, re-made only when the master changes."""
+    """Trainable: quantised once per optimizer step, so a fused AdamW step (which leaves the version counter
+    alone) is seen. Frozen: quantised once, re-made only when the master changes."""
     lin = Fp8Linear(256, 256, bias=True)
     x = torch.randn(4, 256)
     lin(x).sum().backward()
+    v1 = lin._cache.v
+    lin(x)
+    assert lin._cache.v is v1  # no step between two forwards: one quantisation
     v = lin.weight._version
     torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True).step()
     assert lin.weight._version == v  # the hazard: no version bump
