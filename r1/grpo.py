@@ -153,6 +153,43 @@ def tis_weights(old_logp_BT: Tensor, engine_logp_BT: Tensor, cap: float = 2.0) -
     return torch.exp(old_logp_BT - engine_logp_BT).clamp(max=cap).detach()
 
 
+def keep_all(old_logp_BT: Tensor, engine_logp_BT: Tensor, mask_BT: Tensor, low: float, high: float) -> Tensor:
+    """No mismatch masking: every token kept."""
+    return torch.ones_like(old_logp_BT)
+
+
+def sequence_mismatch_mask(old_logp_BT: Tensor, engine_logp_BT: Tensor, mask_BT: Tensor, low: float,
+                           high: float) -> Tensor:
+    """Drop whole sequences whose trainer/engine probability ratio leaves [low, high] (TRL's sequence_mask, both
+    sides):
+
+        r_b = pi_old(o_b) / pi_engine(o_b) = exp(sum_t m_bt (old_logp_bt - engine_logp_bt))
+        keep_b = low <= r_b <= high
+
+    A sequence the engine sampled from a visibly different distribution (another routing, FP8 rounding that
+    flipped a token) carries an off-policy gradient that TIS's cap only bounds; masking removes it."""
+    log_r_B = ((old_logp_BT - engine_logp_BT) * mask_BT).sum(-1, keepdim=True)
+    keep_B1 = (log_r_B >= math.log(low)) & (log_r_B <= math.log(high))
+    return keep_B1.to(old_logp_BT.dtype).expand_as(old_logp_BT)
+
+
+def token_mismatch_mask(old_logp_BT: Tensor, engine_logp_BT: Tensor, mask_BT: Tensor, low: float,
+                        high: float) -> Tensor:
+    """Drop single tokens whose ratio leaves [low, high] (IcePop, Ling team 2025: the tokens whose trainer and
+    engine probabilities disagree most are the ones whose gradient the mismatch corrupts):
+
+        r_t = exp(old_logp_t - engine_logp_t);  keep_t = low <= r_t <= high"""
+    log_r_BT = old_logp_BT - engine_logp_BT
+    return ((log_r_BT >= math.log(low)) & (log_r_BT <= math.log(high))).to(old_logp_BT.dtype)
+
+
+MISMATCH_MASKS: dict[str, Callable[[Tensor, Tensor, Tensor, float, float], Tensor]] = {
+    "none": keep_all,
+    "sequence": sequence_mismatch_mask,
+    "token": token_mismatch_mask,
+}
+
+
 def k3(logp_BT: Tensor, ref_logp_BT: Tensor, clamp: float = 0.0) -> Tensor:
     """Per-token KL(pi_theta || pi_ref) estimator k3 (Schulman), unbiased and always >= 0:
 
@@ -249,6 +286,8 @@ def policy_loss(
     aggregation: str = "grpo",
     engine_logp_BT: Tensor | None = None,
     tis_cap: float = 2.0,
+    mismatch_mask: str = "none",
+    mismatch_bounds: tuple[float, float] = (0.5, 2.0),
     max_completion_len: int | None = None,
     num_sequences: float | None = None,
     num_tokens: float | None = None,
@@ -258,9 +297,11 @@ def policy_loss(
         loss_t = -w_t * min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t
 
     rho_t from RATIOS[ratio] ("token": PPO/GRPO, "sequence": GSPO), w_t = tis_weights(old, engine, tis_cap)
-    when engine log-probs are given (else 1; it weights the policy term only, as in TRL), k3 against the
+    when engine log-probs are given and tis_cap > 0 (else 1; it weights the policy term only, as in TRL), k3 against the
     reference when ref_logp_BT is given (bounded by k3_clamp when > 0). dual_clip = c > 1 caps the loss of a token
-    with A < 0 at -c A before the TIS weight (dual_clip_loss; 0 = off). Reduced to a scalar by
+    with A < 0 at -c A before the TIS weight (dual_clip_loss; 0 = off). With engine log-probs,
+    MISMATCH_MASKS[mismatch_mask] (bounds `mismatch_bounds`) zeroes the loss of dropped tokens or sequences
+    (keep_t in {0, 1}: loss_t *= keep_t; the normalisers are unchanged). Reduced to a scalar by
     AGGREGATIONS[aggregation].
 
     logp_BT: log pi_theta of the sampled tokens (with grad); old_logp_BT: log pi_old, rollout-time
@@ -272,8 +313,9 @@ def policy_loss(
 
     Returns (loss, metrics); metrics are detached scalars, means over this call's completion tokens:
     clip_ratio/low_mean (A < 0 and rho < 1 - eps_low), clip_ratio/high_mean (A > 0 and rho > 1 + eps_high),
-    clip_ratio/region_mean (either), kl (mean k3, when ref_logp_BT is given), tis/mean (when engine
-    log-probs are given). These are the tokens whose gradient the clip zeroes.
+    clip_ratio/region_mean (either), kl (mean k3, when ref_logp_BT is given), tis/mean and
+    mismatch/masked_fraction (when engine log-probs are given). The clip ratios count the tokens whose gradient
+    the clip zeroes.
     """
     if not (logp_BT.shape == old_logp_BT.shape == mask_BT.shape and advantages_B.shape == logp_BT.shape[:1]):
         raise ValueError(
@@ -291,9 +333,13 @@ def policy_loss(
 
     metrics: dict[str, Tensor] = {}
     if engine_logp_BT is not None:
-        w_BT = tis_weights(old_logp_BT, engine_logp_BT, tis_cap)
-        loss_BT = loss_BT * w_BT
-        metrics["tis/mean"] = masked_mean(w_BT, mask_BT)
+        if tis_cap > 0:
+            w_BT = tis_weights(old_logp_BT, engine_logp_BT, tis_cap)
+            loss_BT = loss_BT * w_BT
+            metrics["tis/mean"] = masked_mean(w_BT, mask_BT)
+        keep_BT = MISMATCH_MASKS[mismatch_mask](old_logp_BT, engine_logp_BT.detach(), mask_BT, *mismatch_bounds)
+        loss_BT = loss_BT * keep_BT
+        metrics["mismatch/masked_fraction"] = masked_mean(1 - keep_BT, mask_BT)
     if ref_logp_BT is not None:
         kl_BT = k3(logp_BT, ref_logp_BT.detach(), k3_clamp)
         loss_BT = loss_BT + beta * kl_BT

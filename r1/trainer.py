@@ -80,6 +80,9 @@ class TrainConfig:
     max_refills: int = 2  # dynamic sampling's budget, drawn up front in one generate call (grpo.refill_prompts)
     ref_reset_every: int = 0  # 0 = never
     tis_cap: float = 2.0  # truncated importance sampling against the engine's log-probs (0 = off)
+    mismatch_mask: str = "none"  # none | sequence | token: drop what the engine sampled too differently (r1/grpo.py)
+    mismatch_low: float = 0.5  # keep a token / sequence whose pi_old / pi_engine is in [low, high]
+    mismatch_high: float = 2.0
     bias_update: bool = True  # auxiliary-loss-free balancing during RL
     precision: str = "fp32"  # fp32 | bf16 | fp8 (r1/compute.py)
     fp8_block: int = 128  # FP8 tile edge (DeepSeek-V3: 128; a small model needs one its shapes divide)
@@ -156,8 +159,9 @@ def micro_batch_loss(policy: nn.Module, cfg: TrainConfig, b: UpdateBatch, dist: 
         lp, lp.detach() if b.old is None else b.old[sl], b.adv[sl], cmask,
         ref_logp_BT=None if b.ref is None else b.ref[sl], beta=cfg.beta, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, k3_clamp=cfg.k3_clamp, ratio=cfg.ratio,
-        aggregation=cfg.aggregation, engine_logp_BT=b.elogp[sl] if cfg.tis_cap > 0 else None,
-        tis_cap=cfg.tis_cap, max_completion_len=cfg.max_tokens, num_sequences=b.num_seq, num_tokens=b.num_tok)
+        aggregation=cfg.aggregation, engine_logp_BT=b.elogp[sl], tis_cap=cfg.tis_cap,
+        mismatch_mask=cfg.mismatch_mask, mismatch_bounds=(cfg.mismatch_low, cfg.mismatch_high),
+        max_completion_len=cfg.max_tokens, num_sequences=b.num_seq, num_tokens=b.num_tok)
     n = cmask.sum().clamp(min=1)
     m["entropy"] = (ent.detach() * cmask).sum() / n
     m["logprob_gap/engine_vs_trainer"] = ((lp.detach() - b.elogp[sl]).abs() * cmask).sum() / n
@@ -185,7 +189,7 @@ def check(cfg: TrainConfig) -> None:
     from rollouts import ENGINES
 
     registries = {"ratio": grpo.RATIOS, "aggregation": grpo.AGGREGATIONS, "advantage_scale": grpo.ADVANTAGE_SCALES,
-                  "engine": ENGINES, "optim": OPTIMIZERS}
+                  "engine": ENGINES, "optim": OPTIMIZERS, "mismatch_mask": grpo.MISMATCH_MASKS}
     for name, known in registries.items():
         if getattr(cfg, name) not in known:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; known: {', '.join(known)}")
@@ -197,6 +201,9 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError("group_size must be at least 2 (advantages compare samples within a group)")
     if cfg.dual_clip and cfg.dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1 (or 0 = off), got {cfg.dual_clip}")
+    if not 0 < cfg.mismatch_low <= 1 <= cfg.mismatch_high:
+        raise ValueError(f"mismatch bounds must satisfy 0 < mismatch_low <= 1 <= mismatch_high, got "
+                         f"[{cfg.mismatch_low}, {cfg.mismatch_high}]")
     from accelerate.utils import LoggerType
 
     if unknown := [t for t in cfg.report_to if t not in {x.value for x in LoggerType}]:

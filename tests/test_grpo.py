@@ -235,6 +235,34 @@ def test_tis_weights_scale_the_policy_gradient_only():
     assert m["tis/mean"].item() == pytest.approx(3.5 / 3)
 
 
+def test_mismatch_masks_drop_tokens_and_sequences_outside_the_bounds():
+    # per-token log ratios old - engine: row 0 [ln3, 0, 0] (a token at ratio 3), row 1 [ln1.5, ln1.5, pad ln100]
+    # token mask [1/2, 2]: drops row 0's first token only (3 > 2; 1.5 is in). sequence mask: row 0's product is 3
+    # -> dropped; row 1's is 1.5 * 1.5 = 2.25 -> dropped too, had the pad counted (x100) it would be anyway, so
+    # bound 2.5 keeps it: the pad must not enter the sum.
+    logp = torch.full((2, 3), -1.0, requires_grad=True)
+    old = logp.detach().clone()
+    log_r = torch.tensor([[math.log(3.0), 0.0, 0.0], [math.log(1.5), math.log(1.5), math.log(100.0)]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kw = dict(engine_logp_BT=old - log_r, tis_cap=0.0, aggregation="grpo")
+    loss, m = policy_loss(logp, old, torch.ones(2), mask, mismatch_mask="token", mismatch_bounds=(0.5, 2.0), **kw)
+    loss.backward()
+    # grpo: per-sequence token mean, then mean over 2 sequences: grad_t = -keep_t / (2 * len_b)
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -1 / 6, -1 / 6], [-1 / 4, -1 / 4, 0.0]]))
+    assert m["mismatch/masked_fraction"].item() == pytest.approx(1 / 5) and "tis/mean" not in m
+    for high, want in ((2.0, [0.0, 0.0]), (2.5, [0.0, 1.0])):
+        logp.grad = None
+        loss, m = policy_loss(logp, old, torch.ones(2), mask, mismatch_mask="sequence", mismatch_bounds=(0.5, high),
+                              **kw)
+        loss.backward()
+        kept = [bool(logp.grad[b].abs().sum() > 0) for b in range(2)]
+        assert kept == [bool(w) for w in want]
+        assert m["mismatch/masked_fraction"].item() == pytest.approx((3 * (1 - want[0]) + 2 * (1 - want[1])) / 5)
+    logp.grad = None
+    policy_loss(logp, old, torch.ones(2), mask, mismatch_mask="none", **kw)[0].backward()
+    assert (logp.grad[mask > 0] != 0).all()  # none keeps every token
+
+
 def test_gspo_sequence_ratio_value_and_token_gradient():
     # log ratios ln2, ln8 on the two completion tokens: s = exp((ln2 + ln8) / 2) = exp(ln4) = 4;
     # the pad (log ratio ln100) must not enter the mean. d s_t / d logp_t = s = 4 on every token.
