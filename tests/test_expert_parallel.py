@@ -1,0 +1,193 @@
+"""Expert parallelism (r1.expert_parallel) on gloo processes: the MoE layer and its gradients equal one process's,
+a GRPO run equals one without it, each rank holds 1/N of the experts and their optimizer state, a checkpoint
+reshards into one process, and bad degrees are one line before anything loads."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _launch import torchrun
+from _models import exported
+
+from r1.expert_parallel import check_expert_parallel
+
+LAYER = """
+import copy, sys, torch
+from r1.expert_parallel import apply_expert_parallel, expert_mesh, expert_parameters, reduce_expert_grads
+from r1.model.config import PRESETS
+from r1.model.model import MoE
+from r1.parallel import Dist
+
+d = Dist()
+W, T = d.world, 6
+c = PRESETS["tiny"].replace(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+E, D = c.n_routed_experts, c.hidden_size
+checked = []
+for ep in [int(a) for a in sys.argv[1:]]:
+    mesh = expert_mesh(W, ep, "cpu")
+    for case in ("random", "skewed"):
+        torch.manual_seed(0)  # the same layer and the same global batch on every rank
+        ref = MoE(c).train()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.normal_(0, 0.1)
+            ref.gate.e_score_correction_bias.normal_(0, 0.1)
+        if case == "skewed":  # every token on experts 0 and 1 (ep rank 0): the other ranks' experts get no row
+            ref.gate.e_score_correction_bias[:2] = 10.0
+        x_all, w_all = torch.randn(W, T, D), torch.randn(W, T, D)
+        moe = copy.deepcopy(ref)
+        apply_expert_parallel(moe, mesh)
+        assert type(moe.experts).__name__.startswith("ExpertParallel")
+        x_all.requires_grad_(True)
+        y_ref, _ = ref(x_all.view(1, W * T, D))
+        (y_ref.view(W, T, D) * w_all).sum().backward()
+        x = x_all.detach()[d.rank].clone().requires_grad_(True)
+        y, _ = moe(x.unsqueeze(0))
+        (y[0] * w_all[d.rank]).sum().backward()
+        assert torch.allclose(y[0], y_ref.view(W, T, D)[d.rank].detach(), rtol=0, atol=1e-5), (ep, case)
+        assert torch.allclose(x.grad, x_all.grad[d.rank], rtol=0, atol=1e-5), (ep, case)
+        reduce_expert_grads(moe, mesh, divide=1.0)  # the shard's replicas summed (there are W / ep)
+        rows = E // ep
+        lo = mesh["ep"].get_local_rank() * rows
+        for (name, p), (_, q) in zip(moe.named_parameters(), ref.named_parameters(), strict=True):
+            if name.startswith("experts."):
+                assert p.to_local().shape[0] == rows
+                assert torch.allclose(p.grad.to_local(), q.grad[lo:lo + rows], rtol=0, atol=1e-5), (ep, case, name)
+            else:  # a dense parameter's gradient is this rank's tokens' part: summed over ranks
+                g = p.grad.clone()
+                torch.distributed.all_reduce(g)
+                assert torch.allclose(g, q.grad, rtol=0, atol=1e-5), (ep, case, name)
+        counts = moe.tokens_per_expert.clone()
+        torch.distributed.all_reduce(counts)
+        assert torch.equal(counts, ref.tokens_per_expert)  # the balancing counts are global
+        if case == "skewed":
+            assert torch.equal(ref.tokens_per_expert[2:], torch.zeros(E - 2)), ref.tokens_per_expert
+        checked.append(f"{ep}:{case}")
+sys.stdout.write(f"rank {d.rank} ok {' '.join(checked)}\\n")
+sys.stdout.flush()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("nproc,eps", [(2, ["2"]), (4, ["4", "2"])])
+def test_moe_layer_equals_one_process(tmp_path: Path, nproc: int, eps: list[str]) -> None:
+    """The MoE layer split over ep ranks: outputs, input gradients, every parameter gradient and the load counts equal
+    the single-process layer's on the whole batch (fp32, 1e-5), with a router skewed so that every token goes to
+    ep rank 0's experts (the other ranks receive no rows at all). At 4 processes also ep 2 (dp 2: each shard's
+    gradient summed over its two replicas)."""
+    r = torchrun(LAYER, tmp_path, *eps, nproc=nproc)
+    assert r.stdout.count(" ok ") == nproc, r.stdout
+    assert all(f"{ep}:skewed" in r.stdout for ep in eps)
+
+
+def test_bad_degrees_are_one_line() -> None:
+    for n, E, world, msg in [(3, 8, 4, "expert_parallel=3 does not divide n_routed_experts=8"),
+                             (4, 8, 2, "expert_parallel=4 is larger than the 2 process"),
+                             (2, 8, 3, "expert_parallel=2 does not divide the 3 processes"),
+                             (0, 8, 1, "expert_parallel must be >= 1")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            check_expert_parallel(n, E, world)
+        assert "\n" not in str(e.value)
+    check_expert_parallel(2, 8, 4)
+
+
+MODEL = """
+import functools, json, sys, torch
+from pathlib import Path
+from r1 import checkpoint
+from r1.expert_parallel import expert_parameters
+from r1.model.hf import save_hf
+from r1.optim import OPTIMIZERS
+from r1.parallel import Dist
+from r1.policy import load_policy
+from r1.runs import prepare_model
+from r1.trainer import TrainConfig, train
+
+model_dir, out = sys.argv[1], Path(sys.argv[2])
+d = Dist(2)
+assert d.fsdp and d.world == 2  # expert parallelism shards the rest with FSDP2
+
+# a whole GRPO run, 3 steps, with and without expert parallelism (the same seeds: the same rollouts)
+for ep in (1, 2):
+    train(TrainConfig(model=model_dir, output_dir=str(out / f"grpo{ep}"), rewards=["test_expert_parallel:digit_share"],
+                      prompts_per_step=4, group_size=4, max_tokens=6, micro_batch=8, lr=1e-3, steps=3,
+                      dynamic_sampling=False, progress=False, expert_parallel=ep, gradient_checkpointing="full"))
+
+# one update by hand: what each rank holds, a checkpoint, the export
+m = load_policy(model_dir, shard=functools.partial(prepare_model, dist=d, precision="fp32", fp8_block=128,
+                                                   gradient_checkpointing="moe"))
+opt = OPTIMIZERS["adamw_torch_fused"](m.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
+g = torch.Generator().manual_seed(d.rank)
+ids = torch.randint(3, 200, (2, 10), generator=g)
+o = m(ids, attention_mask=torch.ones_like(ids))  # with MTP: every MoE layer's experts get a gradient
+(torch.cat([o.hidden, o.mtp_hidden[0]], 1) @ m.lm_head.weight.T).logsumexp(-1).mean().backward()
+d.average_grads(m)
+d.clip_grad_norm(m, 1.0)
+opt.step()
+ex = expert_parameters(m)
+held = sum(p.to_local().numel() for p in ex)
+state = sum(opt.state[p][k].to_local().numel() for p in ex for k in ("exp_avg", "exp_avg_sq"))
+whole = sum(p.numel() for p in ex)
+checkpoint.save(out / "ckpt", 1, m, opt, {}, d)
+ids = torch.arange(3, 27).view(2, 12)
+with torch.no_grad():
+    m.eval()
+    logits = m(ids, attention_mask=torch.ones_like(ids), mtp=False).hidden @ m.lm_head.weight.T
+save_hf(m, out / "export", main=d.main)
+full = d.full_state(m)
+if d.main:
+    torch.save({"logits": logits, "state": full}, out / "ref.pt")
+sys.stdout.write(json.dumps({"rank": d.rank, "held": held, "state": state, "whole": whole}) + "\\n")
+sys.stdout.flush()
+torch.distributed.destroy_process_group()
+"""
+
+
+def digit_share(completions: list[str], **_: object) -> list[float]:
+    """A reward that varies within every group of a random model (loaded as `test_expert_parallel:digit_share`)."""
+    return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+
+
+def test_grpo_checkpoint_and_shares_at_ep2(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """2 gloo processes, expert parallelism 2 (FSDP2 for the rest, full activation checkpointing: the all-to-alls
+    run again in the recompute): 3 GRPO steps give the parameters (and router biases) of the same run without it;
+    each rank holds half of the experts' parameters and of their AdamW state; the checkpoint loads into one process
+    with the same logits, and the HF export (per-expert keys) holds the trained weights."""
+    from safetensors import safe_open
+
+    from r1 import checkpoint
+    from r1.model.hf import load_hf
+    from r1.policy import load_policy
+
+    model_dir = exported(tmp_path_factory, "tiny")
+    r = torchrun(MODEL, tmp_path, str(model_dir), str(tmp_path), nproc=2, fsdp=True)
+    a, b = (load_hf(tmp_path / f"grpo{ep}" / "model").state_dict() for ep in (1, 2))
+    start = load_hf(model_dir).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a if "experts.gate_up" in k)  # the experts trained
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    # AdamW hides a gradient's scale, the logged norm (clipped at 1.0 by Dist.clip_grad_norm) does not
+    logs = [[json.loads(x) for x in (tmp_path / f"grpo{ep}" / "metrics.jsonl").read_text().splitlines()]
+            for ep in (1, 2)]
+    for x, y in zip(*logs, strict=True):
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5) and y["reward"] == x["reward"]
+    shares = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(shares) == 2
+    for s in shares:
+        assert s["held"] * 2 == s["whole"] and s["state"] == 2 * s["held"], s
+    ref = torch.load(tmp_path / "ref.pt")
+    one = load_policy(str(model_dir)).eval()
+    assert checkpoint.load(checkpoint.latest(tmp_path / "ckpt"), one)["step"] == 1
+    ids = torch.arange(3, 27).view(2, 12)
+    with torch.no_grad():
+        logits = one(ids, attention_mask=torch.ones_like(ids), mtp=False).hidden @ one.lm_head.weight.T
+    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-5)
+    exported_sd = load_hf(tmp_path / "export").state_dict()
+    for k, v in ref["state"].items():
+        assert torch.equal(exported_sd[k], v), k
+    with safe_open(str(next((tmp_path / "export").glob("*.safetensors"))), "pt") as f:
+        keys = set(f.keys())
+    assert {f"model.layers.1.mlp.experts.{j}.{p}.weight" for j in range(8)
+            for p in ("gate_proj", "up_proj", "down_proj")} <= keys
