@@ -12,73 +12,86 @@ from _models import exported
 
 from r1.expert_parallel import check_expert_parallel
 
-LAYER = """
-import copy, sys, torch
-from r1.expert_parallel import apply_expert_parallel, expert_mesh, expert_parameters, reduce_expert_grads
-from r1.model.config import PRESETS
-from r1.model.model import MoE
-from r1.parallel import Dist
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return exported(tmp_path_factory, "tiny")
+
+def layer_checks(d: object, eps: list[int]) -> list[str]:
+    """Run in every launched process (`d` its Dist): per expert-parallel degree, a random MoE layer and one whose
+    router sends every token to ep rank 0's experts, split over the ep ranks, against the same layer whole in this
+    process on all ranks' tokens. Returns the cases checked."""
+    import copy
+
+    from r1.expert_parallel import apply_expert_parallel, expert_mesh, reduce_expert_grads
+    from r1.model.config import PRESETS
+    from r1.model.model import MoE
+
+    W, T = d.world, 6
+    c = PRESETS["tiny"].replace(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+    E, D = c.n_routed_experts, c.hidden_size
+    checked = []
+    for ep in eps:
+        mesh = expert_mesh(W, ep, "cpu")
+        for case in ("random", "skewed"):
+            torch.manual_seed(0)  # the same layer and the same global batch on every rank
+            ref = MoE(c).train()
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p.normal_(0, 0.1)
+                ref.gate.e_score_correction_bias.normal_(0, 0.1)
+                if case == "skewed":  # every token on experts 0 and 1 (ep rank 0): the others' experts get no row
+                    ref.gate.e_score_correction_bias[:2] = 10.0
+            x_all, w_all = torch.randn(W, T, D), torch.randn(W, T, D)
+            moe = copy.deepcopy(ref)
+            apply_expert_parallel(moe, mesh)
+            assert type(moe.experts).__name__.startswith("ExpertParallel")
+            x_all.requires_grad_(True)
+            y_ref, _ = ref(x_all.view(1, W * T, D))
+            (y_ref.view(W, T, D) * w_all).sum().backward()
+            x = x_all.detach()[d.rank].clone().requires_grad_(True)
+            y, _ = moe(x.unsqueeze(0))
+            (y[0] * w_all[d.rank]).sum().backward()
+            assert torch.allclose(y[0], y_ref.view(W, T, D)[d.rank].detach(), rtol=0, atol=1e-5), (ep, case)
+            assert torch.allclose(x.grad, x_all.grad[d.rank], rtol=0, atol=1e-5), (ep, case)
+            reduce_expert_grads(moe, mesh, divide=1.0)  # the shard's replicas summed (there are W / ep)
+            rows = E // ep
+            lo = mesh["ep"].get_local_rank() * rows
+            for (name, p), (_, q) in zip(moe.named_parameters(), ref.named_parameters(), strict=True):
+                if name.startswith("experts."):
+                    assert p.to_local().shape[0] == rows
+                    assert torch.allclose(p.grad.to_local(), q.grad[lo:lo + rows], rtol=0, atol=1e-5), (ep, case, name)
+                else:  # a dense parameter's gradient is this rank's tokens' part: summed over ranks
+                    g = p.grad.clone()
+                    torch.distributed.all_reduce(g)
+                    assert torch.allclose(g, q.grad, rtol=0, atol=1e-5), (ep, case, name)
+            counts = moe.tokens_per_expert.clone()
+            torch.distributed.all_reduce(counts)
+            assert torch.equal(counts, ref.tokens_per_expert)  # the balancing counts are global
+            if case == "skewed":
+                assert torch.equal(ref.tokens_per_expert[2:], torch.zeros(E - 2)), ref.tokens_per_expert
+            checked.append(f"{ep}:{case}")
+    return checked
+
+
+LAYER = """
+import sys, torch
+from r1.parallel import Dist
+from test_expert_parallel import layer_checks
 d = Dist()
-W, T = d.world, 6
-c = PRESETS["tiny"].replace(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
-E, D = c.n_routed_experts, c.hidden_size
-checked = []
-for ep in [int(a) for a in sys.argv[1:]]:
-    mesh = expert_mesh(W, ep, "cpu")
-    for case in ("random", "skewed"):
-        torch.manual_seed(0)  # the same layer and the same global batch on every rank
-        ref = MoE(c).train()
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.normal_(0, 0.1)
-            ref.gate.e_score_correction_bias.normal_(0, 0.1)
-        if case == "skewed":  # every token on experts 0 and 1 (ep rank 0): the other ranks' experts get no row
-            ref.gate.e_score_correction_bias[:2] = 10.0
-        x_all, w_all = torch.randn(W, T, D), torch.randn(W, T, D)
-        moe = copy.deepcopy(ref)
-        apply_expert_parallel(moe, mesh)
-        assert type(moe.experts).__name__.startswith("ExpertParallel")
-        x_all.requires_grad_(True)
-        y_ref, _ = ref(x_all.view(1, W * T, D))
-        (y_ref.view(W, T, D) * w_all).sum().backward()
-        x = x_all.detach()[d.rank].clone().requires_grad_(True)
-        y, _ = moe(x.unsqueeze(0))
-        (y[0] * w_all[d.rank]).sum().backward()
-        assert torch.allclose(y[0], y_ref.view(W, T, D)[d.rank].detach(), rtol=0, atol=1e-5), (ep, case)
-        assert torch.allclose(x.grad, x_all.grad[d.rank], rtol=0, atol=1e-5), (ep, case)
-        reduce_expert_grads(moe, mesh, divide=1.0)  # the shard's replicas summed (there are W / ep)
-        rows = E // ep
-        lo = mesh["ep"].get_local_rank() * rows
-        for (name, p), (_, q) in zip(moe.named_parameters(), ref.named_parameters(), strict=True):
-            if name.startswith("experts."):
-                assert p.to_local().shape[0] == rows
-                assert torch.allclose(p.grad.to_local(), q.grad[lo:lo + rows], rtol=0, atol=1e-5), (ep, case, name)
-            else:  # a dense parameter's gradient is this rank's tokens' part: summed over ranks
-                g = p.grad.clone()
-                torch.distributed.all_reduce(g)
-                assert torch.allclose(g, q.grad, rtol=0, atol=1e-5), (ep, case, name)
-        counts = moe.tokens_per_expert.clone()
-        torch.distributed.all_reduce(counts)
-        assert torch.equal(counts, ref.tokens_per_expert)  # the balancing counts are global
-        if case == "skewed":
-            assert torch.equal(ref.tokens_per_expert[2:], torch.zeros(E - 2)), ref.tokens_per_expert
-        checked.append(f"{ep}:{case}")
-sys.stdout.write(f"rank {d.rank} ok {' '.join(checked)}\\n")
+sys.stdout.write(f"rank {d.rank} ok {' '.join(layer_checks(d, [4, 2]))}\\n")
 sys.stdout.flush()
 torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("nproc,eps", [(2, ["2"]), (4, ["4", "2"])])
-def test_moe_layer_equals_one_process(tmp_path: Path, nproc: int, eps: list[str]) -> None:
-    """The MoE layer split over ep ranks: outputs, input gradients, every parameter gradient and the load counts equal
-    the single-process layer's on the whole batch (fp32, 1e-5), with a router skewed so that every token goes to
-    ep rank 0's experts (the other ranks receive no rows at all). At 4 processes also ep 2 (dp 2: each shard's
-    gradient summed over its two replicas)."""
-    r = torchrun(LAYER, tmp_path, *eps, nproc=nproc)
-    assert r.stdout.count(" ok ") == nproc, r.stdout
-    assert all(f"{ep}:skewed" in r.stdout for ep in eps)
+def test_moe_layer_equals_one_process_4(tmp_path: Path) -> None:
+    """The MoE layer split over ep ranks (layer_checks): outputs, input gradients, every parameter gradient and the
+    load counts equal the single-process layer's on the whole batch (fp32, 1e-5), also with a router skewed so that
+    every token goes to ep rank 0's experts (the other ranks receive no rows at all). 4 processes, ep 4 and ep 2
+    (dp 2: each shard's gradient summed over its two replicas); the 2-process run is in the GRPO test's launch."""
+    r = torchrun(LAYER, tmp_path, nproc=4)
+    assert r.stdout.count(" ok 4:random 4:skewed 2:random 2:skewed") == 4, r.stdout
 
 
 def test_bad_degrees_are_one_line() -> None:
@@ -92,10 +105,24 @@ def test_bad_degrees_are_one_line() -> None:
     check_expert_parallel(2, 8, 4)
 
 
+def test_cli_bad_degrees(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Through the command line, before any model loads: a degree that does not divide the experts (train), one larger
+    than the world (sft in this one process)."""
+    from r1.cli import main
+
+    for args, msg in [(["train", f"model={model_dir}", "expert_parallel=3"], "does not divide n_routed_experts=8"),
+                      (["sft", "model=tiny", "expert_parallel=2"], "expert_parallel=2 is larger than the 1 process")]:
+        assert main([*args, f"output_dir={tmp_path / args[0]}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and msg in err, err
+        assert not (tmp_path / args[0]).exists()
+
+
 MODEL = """
 import functools, json, sys, torch
 from pathlib import Path
 from r1 import checkpoint
+from r1.compute import compute_context
 from r1.expert_parallel import expert_parameters
 from r1.model.hf import save_hf
 from r1.optim import OPTIMIZERS
@@ -103,16 +130,36 @@ from r1.parallel import Dist
 from r1.policy import load_policy
 from r1.runs import prepare_model
 from r1.trainer import TrainConfig, train
+from test_expert_parallel import layer_checks
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 d = Dist(2)
 assert d.fsdp and d.world == 2  # expert parallelism shards the rest with FSDP2
+sys.stdout.write(f"layer ok {' '.join(layer_checks(d, [2]))}\\n")
 
 # a whole GRPO run, 3 steps, with and without expert parallelism (the same seeds: the same rollouts)
 for ep in (1, 2):
     train(TrainConfig(model=model_dir, output_dir=str(out / f"grpo{ep}"), rewards=["test_expert_parallel:digit_share"],
                       prompts_per_step=4, group_size=4, max_tokens=6, micro_batch=8, lr=1e-3, steps=3,
                       dynamic_sampling=False, progress=False, expert_parallel=ep, gradient_checkpointing="full"))
+
+# bf16 and fp8 (FSDP2's bf16 parameters for the rest, the local experts cast alike): the loss and the global gradient
+# norm of one micro-batch match the run without expert parallelism
+ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(d.rank))
+for precision in ("bf16", "fp8"):
+    got = []
+    for dd in (Dist(1), d):
+        mm = load_policy(model_dir, shard=functools.partial(prepare_model, dist=dd, precision=precision, fp8_block=16,
+                                                            gradient_checkpointing="none"))
+        with compute_context(precision, "cpu", sharded=True):
+            h = mm(ids, attention_mask=torch.ones_like(ids), mtp=False).hidden
+            loss = (h.float() @ mm.lm_head.weight.float().T).logsumexp(-1).mean()
+            loss.backward()
+        dd.average_grads(mm)
+        got.append((loss.item(), dd.clip_grad_norm(mm, 1e9)))
+    (l1, n1), (l2, n2) = got
+    assert abs(l1 - l2) <= 1e-5 * abs(l1) and abs(n1 - n2) <= 1e-5 * n1, (precision, got)
+    sys.stdout.write(json.dumps({"rank": d.rank, precision: got}) + "\\n")
 
 # one update by hand: what each rank holds, a checkpoint, the export
 m = load_policy(model_dir, shard=functools.partial(prepare_model, dist=d, precision="fp32", fp8_block=128,
@@ -149,18 +196,18 @@ def digit_share(completions: list[str], **_: object) -> list[float]:
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
 
 
-def test_grpo_checkpoint_and_shares_at_ep2(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """2 gloo processes, expert parallelism 2 (FSDP2 for the rest, full activation checkpointing: the all-to-alls
-    run again in the recompute): 3 GRPO steps give the parameters (and router biases) of the same run without it;
-    each rank holds half of the experts' parameters and of their AdamW state; the checkpoint loads into one process
-    with the same logits, and the HF export (per-expert keys) holds the trained weights."""
+def test_grpo_checkpoint_and_shares_at_ep2(model_dir: Path, tmp_path: Path) -> None:
+    """2 gloo processes, expert parallelism 2: the MoE layer as layer_checks checks it; then (FSDP2 for the rest,
+    full activation checkpointing: the all-to-alls run again in the recompute) 3 GRPO steps give the parameters
+    (and router biases) and grad norms of the same run without it; bf16 and fp8 give its loss and grad norm; each
+    rank holds half of the experts' parameters and of their AdamW state; the checkpoint loads into one process with
+    the same logits, and the HF export (per-expert keys) holds the trained weights."""
     from safetensors import safe_open
 
     from r1 import checkpoint
     from r1.model.hf import load_hf
     from r1.policy import load_policy
 
-    model_dir = exported(tmp_path_factory, "tiny")
     r = torchrun(MODEL, tmp_path, str(model_dir), str(tmp_path), nproc=2, fsdp=True)
     a, b = (load_hf(tmp_path / f"grpo{ep}" / "model").state_dict() for ep in (1, 2))
     start = load_hf(model_dir).state_dict()
@@ -173,7 +220,9 @@ def test_grpo_checkpoint_and_shares_at_ep2(tmp_path_factory: pytest.TempPathFact
             for ep in (1, 2)]
     for x, y in zip(*logs, strict=True):
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5) and y["reward"] == x["reward"]
-    shares = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    print(r.stdout)
+    assert r.stdout.count("layer ok 2:random 2:skewed") == 2, r.stdout
+    shares = [s for s in map(json.loads, (x for x in r.stdout.splitlines() if x.startswith("{"))) if "held" in s]
     assert len(shares) == 2
     for s in shares:
         assert s["held"] * 2 == s["whole"] and s["state"] == 2 * s["held"], s
