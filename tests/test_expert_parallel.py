@@ -240,3 +240,22 @@ def test_grpo_checkpoint_and_shares_at_ep2(model_dir: Path, tmp_path: Path) -> N
         keys = set(f.keys())
     assert {f"model.layers.1.mlp.experts.{j}.{p}.weight" for j in range(8)
             for p in ("gate_proj", "up_proj", "down_proj")} <= keys
+
+
+def test_plan_accounts_for_expert_parallelism() -> None:
+    """`r1 model --plan expert_parallel=N`: the routed experts' fp32 states are 1/N per GPU (the rest 1/gpus), FSDP2
+    gathers no expert, and bf16 adds the local experts' compute copies."""
+    from r1.model.config import load_config
+    from r1.plan import PlanSpec, plan
+
+    c = load_config("deepseek-v3")
+    experts = (c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers) * c.n_routed_experts \
+        * 3 * c.hidden_size * c.moe_intermediate_size
+    one, ep8, ep2 = (plan(c, PlanSpec(gpus=8, precision="bf16", micro_batch_tokens=4096, expert_parallel=n))
+                     for n in (1, 8, 2))
+    assert ep8.parameters == pytest.approx(one.parameters) and ep8.optimizer == pytest.approx(one.optimizer)
+    assert ep2.parameters - one.parameters == pytest.approx(4 * experts * (1 / 2 - 1 / 8))
+    assert ep8.gathered_weights < one.gathered_weights / 10  # a V3 block is almost all experts
+    assert one.expert_copies == 0 and ep8.expert_copies == pytest.approx(ep2.expert_copies / 4) > 0
+    with pytest.raises(ValueError, match="expert_parallel=3 does not divide gpus=8"):
+        PlanSpec(gpus=8, precision="bf16", micro_batch_tokens=1, expert_parallel=3)
