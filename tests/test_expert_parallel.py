@@ -17,79 +17,23 @@ from r1.expert_parallel import check_expert_parallel
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exported(tmp_path_factory, "tiny")
 
-def layer_checks(d: object, eps: list[int]) -> list[str]:
-    """Run in every launched process (`d` its Dist): per expert-parallel degree, a random MoE layer and one whose
-    router sends every token to ep rank 0's experts, split over the ep ranks, against the same layer whole in this
-    process on all ranks' tokens. Returns the cases checked."""
-    import copy
-
-    from r1.expert_parallel import apply_expert_parallel, expert_mesh, reduce_expert_grads
-    from r1.model.config import PRESETS
-    from r1.model.model import MoE
-
-    W, T = d.world, 6
-    c = PRESETS["tiny"].replace(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
-    E, D = c.n_routed_experts, c.hidden_size
-    checked = []
-    for ep in eps:
-        mesh = expert_mesh(W, ep, "cpu")
-        for case in ("random", "skewed"):
-            torch.manual_seed(0)  # the same layer and the same global batch on every rank
-            ref = MoE(c).train()
-            with torch.no_grad():
-                for p in ref.parameters():
-                    p.normal_(0, 0.1)
-                ref.gate.e_score_correction_bias.normal_(0, 0.1)
-                if case == "skewed":  # every token on experts 0 and 1 (ep rank 0): the others' experts get no row
-                    ref.gate.e_score_correction_bias[:2] = 10.0
-            x_all, w_all = torch.randn(W, T, D), torch.randn(W, T, D)
-            moe = copy.deepcopy(ref)
-            apply_expert_parallel(moe, mesh)
-            assert type(moe.experts).__name__.startswith("ExpertParallel")
-            x_all.requires_grad_(True)
-            y_ref, _ = ref(x_all.view(1, W * T, D))
-            (y_ref.view(W, T, D) * w_all).sum().backward()
-            x = x_all.detach()[d.rank].clone().requires_grad_(True)
-            y, _ = moe(x.unsqueeze(0))
-            (y[0] * w_all[d.rank]).sum().backward()
-            assert torch.allclose(y[0], y_ref.view(W, T, D)[d.rank].detach(), rtol=0, atol=1e-5), (ep, case)
-            assert torch.allclose(x.grad, x_all.grad[d.rank], rtol=0, atol=1e-5), (ep, case)
-            reduce_expert_grads(moe, mesh, divide=1.0)  # the shard's replicas summed (there are W / ep)
-            rows = E // ep
-            lo = mesh["ep"].get_local_rank() * rows
-            for (name, p), (_, q) in zip(moe.named_parameters(), ref.named_parameters(), strict=True):
-                if name.startswith("experts."):
-                    assert p.to_local().shape[0] == rows
-                    assert torch.allclose(p.grad.to_local(), q.grad[lo:lo + rows], rtol=0, atol=1e-5), (ep, case, name)
-                else:  # a dense parameter's gradient is this rank's tokens' part: summed over ranks
-                    g = p.grad.clone()
-                    torch.distributed.all_reduce(g)
-                    assert torch.allclose(g, q.grad, rtol=0, atol=1e-5), (ep, case, name)
-            counts = moe.tokens_per_expert.clone()
-            torch.distributed.all_reduce(counts)
-            assert torch.equal(counts, ref.tokens_per_expert)  # the balancing counts are global
-            if case == "skewed":
-                assert torch.equal(ref.tokens_per_expert[2:], torch.zeros(E - 2)), ref.tokens_per_expert
-            checked.append(f"{ep}:{case}")
-    return checked
-
-
 LAYER = """
-import sys, torch
-from r1.parallel import Dist
-from test_expert_parallel import layer_checks
-d = Dist()
-sys.stdout.write(f"rank {d.rank} ok {' '.join(layer_checks(d, [4, 2]))}\\n")
+import os, sys, torch
+from _ep_layer import layer_checks
+torch.distributed.init_process_group("gloo")
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+sys.stdout.write(f"rank {rank} ok {' '.join(layer_checks(rank, world, [4, 2]))}\\n")
 sys.stdout.flush()
 torch.distributed.destroy_process_group()
 """
 
 
 def test_moe_layer_equals_one_process_4(tmp_path: Path) -> None:
-    """The MoE layer split over ep ranks (layer_checks): outputs, input gradients, every parameter gradient and the
-    load counts equal the single-process layer's on the whole batch (fp32, 1e-5), also with a router skewed so that
-    every token goes to ep rank 0's experts (the other ranks receive no rows at all). 4 processes, ep 4 and ep 2
-    (dp 2: each shard's gradient summed over its two replicas); the 2-process run is in the GRPO test's launch."""
+    """The MoE layer split over ep ranks (_ep_layer.layer_checks): outputs, input gradients, every parameter
+    gradient and the load counts equal the single-process layer's on the whole batch (fp32, 1e-5), also with a router
+    skewed so that every token goes to ep rank 0's experts (the other ranks receive no rows at all). 4 processes,
+    ep 4 and ep 2 (dp 2: each shard's gradient summed over its two replicas); the 2-process run is in the GRPO
+    test's launch."""
     r = torchrun(LAYER, tmp_path, nproc=4)
     assert r.stdout.count(" ok 4:random 4:skewed 2:random 2:skewed") == 4, r.stdout
 
@@ -130,12 +74,12 @@ from r1.parallel import Dist
 from r1.policy import load_policy
 from r1.runs import prepare_model
 from r1.trainer import TrainConfig, train
-from test_expert_parallel import layer_checks
+from _ep_layer import layer_checks
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 d = Dist(2)
 assert d.fsdp and d.world == 2  # expert parallelism shards the rest with FSDP2
-sys.stdout.write(f"layer ok {' '.join(layer_checks(d, [2]))}\\n")
+sys.stdout.write(f"layer ok {' '.join(layer_checks(d.rank, d.world, [2]))}\\n")
 
 # a whole GRPO run, 3 steps, with and without expert parallelism (the same seeds: the same rollouts)
 for ep in (1, 2):
