@@ -4,8 +4,10 @@ The processes form a 2-D device mesh (dp x ep), dp = world / ep. Along `ep`, eac
 of every MoE layer's routed experts: their stacked parameters become DTensors sharded on dim 0 over the ep
 sub-mesh (global shape and name unchanged, so DCP checkpoints reshard to any degree and the HF export gathers the
 usual per-expert keys). The dense layers, attention, router and shared experts stay under FSDP2 over the whole
-world (r1.parallel.Dist.wrap). Along `dp` the expert shards are replicated; their gradients are summed over dp
-(`reduce_expert_grads`).
+world (r1.parallel.Dist.wrap), which ignores the expert parameters: its MixedPrecisionPolicy does not reach them,
+so the forward casts the local weights to the compute dtype itself. Along `dp` the expert shards are replicated;
+their gradients are summed over dp (`reduce_expert_grads`), and the gradient norm adds both meshes' shards
+(`clip_grad_norm_`).
 
 The MoE layer's forward is the model's own: the router, the sort of (token, expert) pairs by expert and the
 weighted sum. Only `moe.experts(x_sorted, counts_E)` changes (its class swapped for an ExpertParallel subclass):
@@ -21,7 +23,6 @@ update_router_biases, so balancing stays global. Decode shortcuts that read ever
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -190,8 +191,3 @@ def all_to_all_bytes_per_token(hidden: int, top_k: int, dtype: torch.dtype) -> i
     """What dispatch sends per token per MoE layer (combine returns as much): K rows of the hidden width."""
     return top_k * hidden * torch.empty((), dtype=dtype).element_size()
 
-
-def expert_shard_fraction(model: nn.Module) -> float:
-    """This rank's share of the routed experts' parameters (numel held / global numel)."""
-    ps = expert_parameters(model)
-    return sum(p.to_local().numel() for p in ps) / max(1, sum(math.prod(p.shape) for p in ps))
