@@ -121,6 +121,14 @@ held = sum(p.to_local().numel() for p in ex)
 state = sum(opt.state[p][k].to_local().numel() for p in ex for k in ("exp_avg", "exp_avg_sq"))
 whole = sum(p.numel() for p in ex)
 checkpoint.save(out / "ckpt", 1, m, opt, {}, d)
+m2 = load_policy(model_dir, shard=functools.partial(prepare_model, dist=d, precision="fp32", fp8_block=128,
+                                                    gradient_checkpointing="moe"))
+opt2 = OPTIMIZERS["adamw_torch_fused"](m2.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
+checkpoint.load(out / "ckpt" / "step_00000001", m2, opt2, d)  # a resume at the same degree: this rank's shards
+for (n, p), q in zip(m.named_parameters(), m2.parameters(), strict=True):
+    assert torch.equal(p.to_local(), q.to_local()), n
+for p, q in zip(ex, expert_parameters(m2), strict=True):
+    assert torch.equal(opt.state[p]["exp_avg_sq"].to_local(), opt2.state[q]["exp_avg_sq"].to_local())
 ids = torch.arange(3, 27).view(2, 12)
 with torch.no_grad():
     m.eval()
@@ -144,8 +152,9 @@ def test_grpo_checkpoint_and_shares_at_ep2(model_dir: Path, tmp_path: Path) -> N
     """2 gloo processes, expert parallelism 2: the MoE layer as layer_checks checks it; then (FSDP2 for the rest,
     full activation checkpointing: the all-to-alls run again in the recompute) 3 GRPO steps give the parameters
     (and router biases) and grad norms of the same run without it; bf16 and fp8 give its loss and grad norm; each
-    rank holds half of the experts' parameters and of their AdamW state; the checkpoint loads into one process with
-    the same logits, and the HF export (per-expert keys) holds the trained weights."""
+    rank holds half of the experts' parameters and of their AdamW state; the checkpoint resumes at ep 2 (each
+    rank's shards and AdamW state) and loads into one process with the same logits, and the HF export (per-expert
+    keys) holds the trained weights."""
     from safetensors import safe_open
 
     from r1 import checkpoint
