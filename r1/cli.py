@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--plan", nargs="+", metavar="key=value",
                    help="per-GPU training memory under FSDP2: gpus=N precision=fp32|bf16|fp8 micro_batch_tokens=T "
                         "[gradient_checkpointing=none|full|moe] [gpu=h100|h200] [optim=adamw_torch_fused|adamw_bf16] "
-                        "[mtp=false|true]; exits 1 when it does not fit")
+                        "[mtp=false|true] [expert_parallel=N]; exits 1 when it does not fit")
     m.set_defaults(func=cmd_model)
 
     from r1.eval import add_eval_args, cmd_eval

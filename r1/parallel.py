@@ -31,33 +31,48 @@ class Dist:
     FSDP2 (an accelerate config with distributed_type FSDP): `wrap` shards every decoder block and the root with
     torch's fully_shard; gradients are reduce-scattered in backward. Checkpoints stay sharded (r1.checkpoint, DCP);
     `full_state` gathers whole state dicts where a full copy is wanted (rank checks, a reference reset).
+    Expert parallelism (`expert_parallel` > 1, r1.expert_parallel): a (dp x ep) mesh; each MoE layer's routed experts
+    split over ep, tokens sent to them by all-to-all; the rest under FSDP2 (turned on whatever the accelerate config
+    says). A bad degree (not dividing the world) is one line here, before any model loads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expert_parallel: int = 1) -> None:
         from accelerate import PartialState
 
         # cpu=True lets accelerate pick gloo (MULTI_CPU) for torchrun-started processes on a machine without a GPU
         self.state = PartialState(cpu=not torch.cuda.is_available())
         self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
         self.main = self.state.is_main_process
-        self.fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.world > 1
+        from r1.expert_parallel import check_expert_parallel, expert_mesh
+
+        check_expert_parallel(expert_parallel, world=self.world)
+        self.expert_parallel = expert_parallel
+        self.mesh = expert_mesh(self.world, expert_parallel, self.device.type) if expert_parallel > 1 else None
+        self.fsdp = (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or self.mesh is not None) \
+            and self.world > 1
         if self.fsdp and not torch.cuda.is_available():
             _fixed_mmap_threshold()
 
     def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         """FSDP2: shard each decoder block, then the root (embeddings, final norm, head, MTP); bf16 and fp8 compute
-        with bf16 parameters, fp32 master weights and fp32 gradient reduction (r1.compute.mixed_precision_policy)."""
+        with bf16 parameters, fp32 master weights and fp32 gradient reduction (r1.compute.mixed_precision_policy).
+        With expert parallelism the routed experts are split over the ep mesh first and FSDP2 ignores them."""
         if not self.fsdp:
             return model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from r1.compute import mixed_precision_policy
+        from r1.compute import COMPUTE_DTYPE, mixed_precision_policy
 
+        ignored: set[nn.Parameter] = set()
+        if self.mesh is not None:
+            from r1.expert_parallel import apply_expert_parallel
+
+            ignored = set(apply_expert_parallel(model, self.mesh, COMPUTE_DTYPE[precision]))
         mp = mixed_precision_policy(precision) or MixedPrecisionPolicy()  # fp32: FSDP2's default, all fp32
         inner = getattr(model, "model", model)  # transformers keeps the layers under .model
         for block in inner.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mp_policy=mp, ignored_params=ignored or None)
+        fully_shard(model, mp_policy=mp, ignored_params=ignored or None)
         return model
 
     def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
@@ -67,6 +82,10 @@ class Dist:
         return t
 
     def average_grads(self, model: nn.Module) -> None:
+        if self.mesh is not None:  # the routed experts' shards: summed over their dp replicas (FSDP2 did the rest)
+            from r1.expert_parallel import reduce_expert_grads
+
+            reduce_expert_grads(model, self.mesh, self.world)
         if self.world == 1 or self.fsdp:  # FSDP2 has reduce-scattered them in backward
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
@@ -75,6 +94,15 @@ class Dist:
         for p, g in zip((p for p in model.parameters() if p.requires_grad), flat.split([g.numel() for g in grads]),
                         strict=True):
             p.grad = g.view_as(p)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """The gradients' global L2 norm, and every gradient scaled to at most max_norm (torch's clip_grad_norm_; with
+        expert parallelism r1.expert_parallel's, which sums shards of two meshes)."""
+        if self.mesh is None:
+            return float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        from r1.expert_parallel import clip_grad_norm_
+
+        return float(clip_grad_norm_(model, max_norm, self.mesh))
 
     def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world == 1:

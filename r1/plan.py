@@ -45,13 +45,17 @@ class PlanSpec:
     gpu: Literal["h100", "h200"] = "h100"
     optim: Literal["adamw_torch_fused", "adamw_bf16"] = "adamw_torch_fused"
     mtp: bool = False  # the MTP loss in the step (SFT); GRPO's update runs no MTP forward
-    # Expert parallelism (not built yet) would add `ep: int = 1`: routed experts split over ep ranks, the rest over
-    # gpus; the states stay 1/gpus, and _Shapes.experts_per_gpu / the routed rows per GPU take the factor.
+    # r1/expert_parallel.py: routed experts 1/expert_parallel per GPU (replicated over the gpus / expert_parallel
+    # data-shard ranks, outside FSDP2: never gathered), the rest 1/gpus; the routed rows per GPU stay K per token
+    # when the load is balanced
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("gpus", "micro_batch_tokens"):
+        for name in ("gpus", "micro_batch_tokens", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus % self.expert_parallel:
+            raise ValueError(f"expert_parallel={self.expert_parallel} does not divide gpus={self.gpus}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class MemoryPlan:
     gradients: float
     optimizer: float
     gathered_weights: float  # FSDP2's unsharded compute copies (or one GPU's bf16 weight copies)
+    expert_copies: float  # expert parallelism, bf16/fp8: each MoE layer's local experts cast, kept for backward
     fp8_weights: float
     grad_reduce: float  # one unit's unsharded gradient + reduce-scatter input beyond the freed activations (FSDP2)
     act_attention: float  # MLA + the two RMSNorms per layer
@@ -72,12 +77,13 @@ class MemoryPlan:
 
     def components(self) -> list[tuple[str, float]]:
         s = self.spec
-        n = f"1/{s.gpus}"
+        n = f"1/{s.gpus}" + (f", experts 1/{s.expert_parallel}" if s.expert_parallel > 1 else "")
         moments = "bf16" if s.optim == "adamw_bf16" else "fp32"
         rows = [(f"parameters (fp32 master, {n})", self.parameters),
                 (f"gradients (fp32, {n})", self.gradients),
                 (f"optimizer (AdamW m, v in {moments}, {n})", self.optimizer),
                 ("gathered weights (root + 2 blocks)" if s.gpus > 1 else "bf16 weight copies", self.gathered_weights),
+                ("local experts' compute copies (bf16)", self.expert_copies),
                 ("fp8 weight copies (saved for backward)", self.fp8_weights),
                 ("gradient reduce-scatter (one unit)", self.grad_reduce),
                 ("activations: attention + norms", self.act_attention),
@@ -104,9 +110,10 @@ class MemoryPlan:
         return self.total <= self.usable
 
     def table(self) -> str:
-        lines = [f"  {'component':<44}{'GiB/GPU':>10}"]
-        lines += [f"  {name:<44}{v / GIB:>10.2f}" for name, v in self.components()]
-        lines.append(f"  {'total':<44}{self.total / GIB:>10.2f}")
+        w = max(44, *(len(name) + 1 for name, _ in self.components()))
+        lines = [f"  {'component':<{w}}{'GiB/GPU':>10}"]
+        lines += [f"  {name:<{w}}{v / GIB:>10.2f}" for name, v in self.components()]
+        lines.append(f"  {'total':<{w}}{self.total / GIB:>10.2f}")
         return "\n".join(lines)
 
     def verdict(self) -> str:
@@ -213,7 +220,21 @@ def plan(c: V3Config, spec: PlanSpec) -> MemoryPlan:
     fp8_params = n_dense * sh.block_fp8_params(False) + n_moe * sh.block_fp8_params(True)
     if spec.mtp:
         fp8_params += c.num_nextn_predict_layers * sh.block_fp8_params(True)
+    # expert parallelism: the routed experts' parameters (the MTP layers' too), held 1/EP and never gathered
+    EP = spec.expert_parallel
+    if c.n_routed_experts % EP:
+        raise ValueError(f"expert_parallel={EP} does not divide n_routed_experts={c.n_routed_experts}")
+    experts = c.n_routed_experts * 3 * c.hidden_size * c.moe_intermediate_size if EP > 1 else 0  # one layer's
+    routed_params = (n_moe + c.num_nextn_predict_layers) * experts
+    routed_run = (n_moe + (c.num_nextn_predict_layers if spec.mtp else 0)) * experts  # the layers that compute
+    fp8_params -= (1 - 1 / EP) * routed_run  # FP8 copies of this rank's experts only
     fp8_weights = fp8_params * (1 + 4 / FP8_BLOCK**2) if sh.fp8 else 0
+    # cast each forward and kept for backward (full checkpointing recomputes them: one layer at a time)
+    layers_kept = 1 if spec.gradient_checkpointing == "full" else routed_run / max(experts, 1)
+    expert_copies = 2 * experts / EP * layers_kept if a == 2 else 0
+    blocks = [b - (experts if i >= n_dense else 0) for i, b in enumerate(blocks)]
+    root -= c.num_nextn_predict_layers * experts
+    biggest_block = max(blocks, default=0)
     # the root stays gathered through backward; a block computes while the next one's all-gather buffer fills.
     # One GPU: bf16 copies of the weights that do not run in fp8 (fp8 quantises the fp32 masters directly)
     gathered = a * (root + 2 * biggest_block) if N > 1 else \
@@ -255,10 +276,11 @@ def plan(c: V3Config, spec: PlanSpec) -> MemoryPlan:
 
     return MemoryPlan(
         spec=spec,
-        parameters=4 * size.total / N,
-        gradients=4 * trainable / N,
-        optimizer=OPTIM_STATE_BYTES[spec.optim] * trainable / N,
+        parameters=4 * ((size.total - routed_params) / N + routed_params / EP),
+        gradients=4 * ((trainable - routed_run) / N + routed_run / EP),
+        optimizer=OPTIM_STATE_BYTES[spec.optim] * ((trainable - routed_run) / N + routed_run / EP),
         gathered_weights=gathered,
+        expert_copies=expert_copies,
         fp8_weights=fp8_weights,
         grad_reduce=grad_reduce,
         act_attention=layer_attn * T,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from r1.compute import apply_activation_checkpointing, apply_precision, check_checkpointing, check_precision
+from r1.expert_parallel import check_expert_parallel
 from r1.parallel import Dist
 
 
@@ -32,17 +33,25 @@ def policy_config(name_or_dir: str) -> Any:
     return V3Config.from_json(p) if model_config(p).get("model_type") == "deepseek_v3" else None
 
 
-def check_compute(model: str, precision: str, fp8_block: int, gradient_checkpointing: str) -> None:
-    """The compute keys of a recipe, one line each, before anything loads."""
-    check_precision(precision, policy_config(model), fp8_block)
+def check_compute(model: str, precision: str, fp8_block: int, gradient_checkpointing: str,
+                  expert_parallel: int = 1) -> None:
+    """The compute keys of a recipe, one line each, before anything loads (the expert-parallel degree against the
+    model's experts here, against the world size in Dist)."""
+    config = policy_config(model)
+    check_precision(precision, config, fp8_block)
     check_checkpointing(gradient_checkpointing)
+    if expert_parallel != 1 and not hasattr(config, "n_routed_experts"):
+        raise ValueError(f"expert_parallel={expert_parallel} needs the native V3 model's routed experts "
+                         f"({model!r} is not one)")
+    check_expert_parallel(expert_parallel, getattr(config, "n_routed_experts", None))
 
 
 def prepare_model(model: nn.Module, dist: Dist, precision: str, fp8_block: int, gradient_checkpointing: str,
                   speed_layer: Callable[[nn.Module, torch.device], nn.Module] | None = None) -> nn.Module:
     """In order: the CPU speed layer (r1.cpu.accelerate, passed in by the entry points that may import it), the
     precision layer (fp8 linears and experts swapped in), activation checkpointing, the device, then FSDP2
-    sharding when launched so (bf16 compute through its MixedPrecisionPolicy). Module swaps come before sharding
+    sharding when launched so (bf16 compute through its MixedPrecisionPolicy), the routed experts split over the
+    expert-parallel ranks first when Dist has them (r1.expert_parallel, in Dist.wrap). Module swaps come before sharding
     (FSDP2 keeps the modules it was given), and before the optimizer sees the parameters. A model on the meta
     device stays there: a loader (r1.model.hf.load_hf's `shard`) materialises each rank's shards after."""
     if speed_layer is not None:

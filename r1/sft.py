@@ -52,6 +52,7 @@ class SftConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp8 (r1/compute.py)
     fp8_block: int = 128  # FP8 tile edge (DeepSeek-V3: 128; a small model needs one its shapes divide)
     gradient_checkpointing: str = "none"  # none | full | moe
+    expert_parallel: int = 1  # routed experts split over this many ranks (all-to-all dispatch; r1/expert_parallel.py)
     seed: int = 0
     output_dir: str = "runs/smoke/sft"
     save_every: int = 0  # 0 = only at the end
@@ -82,7 +83,7 @@ def check(cfg: SftConfig, world: int) -> None:
     if cfg.optim not in OPTIMIZERS:
         raise ValueError(f"unknown optim {cfg.optim!r}; known: {', '.join(OPTIMIZERS)}")
     render(cfg.template, "")  # an unknown template: one line now, not after the model has loaded
-    check_compute(cfg.model, cfg.precision, cfg.fp8_block, cfg.gradient_checkpointing)
+    check_compute(cfg.model, cfg.precision, cfg.fp8_block, cfg.gradient_checkpointing, cfg.expert_parallel)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
@@ -102,7 +103,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
     precision and activation checkpointing, checkpoints that resume bit for bit, metrics.jsonl."""
     from r1.tokenizer import load_tokenizer
 
-    dist = Dist()
+    dist = Dist(cfg.expert_parallel)
     check(cfg, dist.world)
     rows = smoke_splits(seed=cfg.seed)[0] if cfg.dataset == "smoke" else \
         load_rows(cfg.dataset, cfg.split, (cfg.prompt_key, cfg.completion_key), cfg.dataset_config)
@@ -146,7 +147,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
             loss, metrics = batch_loss(model, ids, attn, lmask, mtp_w)
             loss.backward()
         dist.average_grads(model)
-        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        metrics["grad_norm"] = dist.clip_grad_norm(model, cfg.max_grad_norm)
         opt.step()
         sched.step()
         update_router_biases(model)  # counts all-reduced across ranks inside

@@ -87,6 +87,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp8 (r1/compute.py)
     fp8_block: int = 128  # FP8 tile edge (DeepSeek-V3: 128; a small model needs one its shapes divide)
     gradient_checkpointing: str = "none"  # none | full | moe
+    expert_parallel: int = 1  # routed experts split over this many ranks (all-to-all dispatch; r1/expert_parallel.py)
     seed: int = 0
     output_dir: str = "runs/smoke/grpo"
     save_every: int = 0  # 0 = only at the end
@@ -194,7 +195,7 @@ def check(cfg: TrainConfig) -> None:
         if getattr(cfg, name) not in known:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; known: {', '.join(known)}")
     render(cfg.template, "")
-    check_compute(cfg.model, cfg.precision, cfg.fp8_block, cfg.gradient_checkpointing)
+    check_compute(cfg.model, cfg.precision, cfg.fp8_block, cfg.gradient_checkpointing, cfg.expert_parallel)
     if cfg.reward_weights is not None and len(cfg.rewards) != len(cfg.reward_weights):
         raise ValueError(f"{len(cfg.rewards)} rewards but {len(cfg.reward_weights)} reward_weights")
     if cfg.group_size < 2:
@@ -265,7 +266,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     from rollouts import SamplingParams, make_engine
 
     check(cfg)
-    dist = Dist()
+    dist = Dist(cfg.expert_parallel)
     if cfg.prompts_per_step % dist.world:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by {dist.world} processes")
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
@@ -466,7 +467,7 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * w
         dist.average_grads(policy)
-        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+        metrics["grad_norm"] = dist.clip_grad_norm(policy, cfg.max_grad_norm)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
