@@ -49,6 +49,8 @@ class Rollout:
     logprobs: list[float]  # one per token id, see the module docstring for the distribution
     text: str
     finish_reason: FinishReason
+    # MoE engines asked for routing: [prompt + completion tokens, moe_layers, top_k] int16 (r1/routing.py)
+    routed_experts: Tensor | None = None
 
 
 class Engine(Protocol):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from r1.model import LatentCache, V3ForCausalLM
 from r1.model.hf import hf_to_native, load_state
+from r1.routing import UNROUTED, RoutingRecorder
 from rollouts.base import Rollout, SamplingParams
 from rollouts.sampling import NoiseStreams, make_generators, sample
 
@@ -102,11 +103,16 @@ class TorchEngine:
     `lockstep` (a model sharded by FSDP2, whose every forward is a collective): called after each decode step with
     whether this process still decodes, it returns whether any process does; a process that is done keeps one
     finished row decoding (its tokens discarded) until every process is, so all run the same number of forwards.
-    The caller makes every process call generate the same number of times."""
+    The caller makes every process call generate the same number of times.
+    `return_routed_experts` (native MoE model): each Rollout carries the experts its router chose for every prompt
+    and completion token (r1.routing's layout; the last token, never fed back, is UNROUTED)."""
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, lockstep: Callable[[bool], bool] | None = None):
+                 pad_token_id: int | None = None, lockstep: Callable[[bool], bool] | None = None,
+                 return_routed_experts: bool = False):
         self.model, self.tokenizer, self.lockstep = model, tokenizer, lockstep
+        self.return_routed_experts = return_routed_experts
+        self._recorder: RoutingRecorder | None = None  # set while generate runs
         self.eos_ids = _eos_ids(model, tokenizer) if eos_token_id is None else \
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         pad = getattr(tokenizer, "pad_token_id", None) if pad_token_id is None else pad_token_id
@@ -126,16 +132,24 @@ class TorchEngine:
         self.model.eval()
         try:
             # FSDP2 (lockstep) reuses its all-gather buffers in training, which inference tensors could not be
-            with torch.no_grad() if self.lockstep is not None else torch.inference_mode():
+            with torch.no_grad() if self.lockstep is not None else torch.inference_mode(), \
+                    RoutingRecorder(self.model) if self.return_routed_experts else contextlib.nullcontext() as rec:
+                self._recorder = rec
                 tokens_NM, logps_NM, lengths_N, stopped_N = self._run(prompt_ids, sampling, n)
         finally:
             self.model.train(was_training)
+            self._recorder = None
         out = []
         for i in range(len(prompt_ids) * n):
             ids = tokens_NM[i, :lengths_N[i]].tolist()
             text, hit = self._text(ids, sampling.stop)
+            routed = None
+            if rec is not None:
+                p = len(prompt_ids[i // n])
+                routed = torch.cat([rec.prompts_PTLK[i // n, -p:], rec.completions_NMLK[i, :lengths_N[i]]])
             out.append(Rollout(prompt_index=i // n, token_ids=ids, logprobs=logps_NM[i, :lengths_N[i]].tolist(),
-                               text=text, finish_reason="stop" if stopped_N[i] or hit else "length"))
+                               text=text, finish_reason="stop" if stopped_N[i] or hit else "length",
+                               routed_experts=routed))
         return out
 
     def _run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, n: int, first: int = 0) -> Result:
@@ -152,6 +166,10 @@ class TorchEngine:
 
         stepper = self.stepper_cls(self.model)
         logits_BV = stepper.prefill(ids_PT, mask_PT, capacity=Tp + M)
+        rec = self._recorder
+        if rec is not None:  # token t of a sample is routed in the forward that feeds it back (never the last)
+            rec.prompts_PTLK = rec.take().cpu().view(P, Tp, -1, rec.top_k)
+            rec.completions_NMLK = torch.full((N, M, *rec.prompts_PTLK.shape[2:]), UNROUTED, dtype=torch.int16)
         rows_N = torch.arange(P, device=dev).repeat_interleave(n)
         if n > 1:  # prefill each prompt once, then copy its cache rows for the n samples
             stepper.select(rows_N)
@@ -197,6 +215,10 @@ class TorchEngine:
                     live = [live[b] for b in keep]
                     live_B = torch.as_tensor(live, dtype=torch.long, device=dev)
                 logits_BV = stepper.decode(tok_B, mask_BS[:, :Tp + t + 1])
+                if rec is not None:
+                    routed_BLK = rec.take().cpu()
+                    if live:  # (lockstep's kept finished row is not a sample)
+                        rec.completions_NMLK[live_B.cpu(), t] = routed_BLK
         if M and live and can_stop:  # rows alive at the last step may still have ended on a stop token / string
             last = tokens_NM[live_B, M - 1]
             hit = torch.isin(last, stop_ids).tolist()

@@ -50,20 +50,21 @@ def macs_per_token(model: nn.Module) -> int:
 
 class CPUTorchEngine(TorchEngine):
     def __init__(self, model: nn.Module, tokenizer: object | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, processes: int = 0):
+                 pad_token_id: int | None = None, processes: int = 0, return_routed_experts: bool = False):
         """processes: 1 decodes in this process only; 2 splits every call of two or more prompts with a decode
         worker (native V3 model on a CPU); 0 (auto) splits on a CPU with >= 2 threads when the call reaches
         SPLIT_DECODE_MACS."""
         if processes not in (0, 1, 2):
             raise ValueError(f"processes must be 0 (auto), 1 or 2, not {processes}")
-        super().__init__(model, tokenizer, eos_token_id, pad_token_id)
+        super().__init__(model, tokenizer, eos_token_id, pad_token_id, return_routed_experts=return_routed_experts)
         self.processes = processes
         self._worker: DecodeWorker | None = None
         self.macs_per_token = macs_per_token(model)
 
     @classmethod
     def from_engine(cls, engine: TorchEngine) -> CPUTorchEngine:
-        return cls(engine.model, engine.tokenizer, eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
+        return cls(engine.model, engine.tokenizer, eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id,
+                   return_routed_experts=engine.return_routed_experts)
 
     def _run(self, prompts: Sequence[Sequence[int]], sp: SamplingParams, n: int, first: int = 0) -> Result:
         if first == 0 and self._splits(len(prompts), n):
@@ -77,7 +78,9 @@ class CPUTorchEngine(TorchEngine):
             else contextlib.nullcontext()
 
     def _splits(self, n_prompts: int, n: int) -> bool:
+        # routing is recorded in this process only
         if self.processes == 1 or n_prompts < 2 or not isinstance(self.model, V3ForCausalLM) or \
+                self.return_routed_experts or \
                 next(self.model.parameters()).device.type != "cpu":
             return False
         return self.processes == 2 or (torch.get_num_threads() >= 2 and
