@@ -127,7 +127,10 @@ class RoutingReplay:
             h.remove()
         self._hooks.clear()
 
+    def tally(self) -> tuple[float, float]:
+        """(recorded (token, layer) pairs whose top-k set the router chose itself, recorded pairs), all forwards."""
+        return sum(float(r.same) for r in self.state.values()), sum(float(r.total) for r in self.state.values())
+
     def agreement(self) -> float:
-        same = sum(float(r.same) for r in self.state.values())
-        total = sum(float(r.total) for r in self.state.values())
+        same, total = self.tally()
         return same / total if total else 1.0

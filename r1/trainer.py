@@ -14,6 +14,7 @@ them (`shared_prefix`, `sequence_logprobs`): the same numbers as G whole sequenc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
@@ -36,6 +37,7 @@ from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, upd
 from r1.optim import OPTIMIZERS
 from r1.parallel import Dist
 from r1.policy import engine_weights, export, load_policy
+from r1.routing import UNROUTED, RoutingReplay, moe_routers
 from r1.runs import JsonlLogger, check_compute, prepare_model
 
 
@@ -80,6 +82,7 @@ class TrainConfig:
     max_refills: int = 2  # dynamic sampling's budget, drawn up front in one generate call (grpo.refill_prompts)
     ref_reset_every: int = 0  # 0 = never
     tis_cap: float = 2.0  # truncated importance sampling against the engine's log-probs (0 = off)
+    routing_replay: str = "none"  # none | rollout: the training forward uses the engine's experts (R3, r1/routing.py)
     mismatch_mask: str = "none"  # none | sequence | token: drop what the engine sampled too differently (r1/grpo.py)
     mismatch_low: float = 0.5  # keep a token / sequence whose pi_old / pi_engine is in [low, high]
     mismatch_high: float = 2.0
@@ -202,6 +205,11 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError("group_size must be at least 2 (advantages compare samples within a group)")
     if cfg.dual_clip and cfg.dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1 (or 0 = off), got {cfg.dual_clip}")
+    if cfg.routing_replay not in ROUTING_REPLAY:
+        raise ValueError(f"unknown routing_replay {cfg.routing_replay!r}; known: {', '.join(ROUTING_REPLAY)}")
+    if cfg.routing_replay == "rollout" and cfg.engine != "torch":
+        raise ValueError(f"routing_replay=rollout needs an engine that returns its routing: engine=torch "
+                         f"(the {cfg.engine} engine does not return routed experts yet)")
     if not 0 < cfg.mismatch_low <= 1 <= cfg.mismatch_high:
         raise ValueError(f"mismatch bounds must satisfy 0 < mismatch_low <= 1 <= mismatch_high, got "
                          f"[{cfg.mismatch_low}, {cfg.mismatch_high}]")
@@ -211,6 +219,9 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown tracker {unknown[0]!r}; known: {', '.join(x.value for x in LoggerType)}")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
         raise FileNotFoundError(f"resume checkpoint {cfg.resume!r} not found")
+
+
+ROUTING_REPLAY = ("none", "rollout")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -278,6 +289,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     policy = load_policy(cfg.model, device=dist.device, shard=functools.partial(
         prepare_model, dist=dist, precision=cfg.precision, fp8_block=cfg.fp8_block,
         gradient_checkpointing=cfg.gradient_checkpointing, speed_layer=accelerate))
+    if cfg.routing_replay == "rollout" and not moe_routers(policy):
+        raise ValueError(f"routing_replay=rollout needs a policy with MoE layers; {cfg.model} has none")
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     out_dir = Path(cfg.output_dir)
     resume_from = checkpoint.latest(out_dir / "checkpoints") if cfg.resume == "auto" else \
@@ -295,6 +308,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     # the torch engine decodes with the policy itself; under FSDP2 its ranks decode in lockstep (every forward is a
     # collective), so no rank ever holds an unsharded copy
     lockstep = {"lockstep": dist.any} if dist.fsdp and cfg.engine == "torch" else {}
+    if cfg.routing_replay == "rollout":
+        lockstep["return_routed_experts"] = True
     engine = accelerate_engine(make_engine(cfg.engine, model=policy, tokenizer=tok, **lockstep))
     opt = OPTIMIZERS[cfg.optim](policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -302,7 +317,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     random.Random(cfg.seed).shuffle(order)  # the same order on every rank; each reads its own slice
     run = Run(cfg, dist, policy, ref, engine, tok, opt, sched,
               params=[p for p in policy.parameters() if p.requires_grad],
-              workers=update_workers(cfg.update_workers, dist.device, dist.fsdp), reward_set=reward_set,
+              # replay keeps one routing per model at a time: micro-batches one after another
+              workers=1 if cfg.routing_replay != "none" else update_workers(cfg.update_workers, dist.device, dist.fsdp),
+              reward_set=reward_set,
               sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens),
               rows=rows, order=order, out_dir=out_dir)
     pos = Position()
@@ -446,16 +463,26 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
     # global normalisers divided by world: the averaged gradient is the exact global-batch loss's gradient
     num_seq, num_tok = sizes.sequences / dist.world, sizes.tokens / dist.world
     mb = cfg.micro_batch
-    share = cfg.shared_prefix and not dist.fsdp  # two forwards per backward: not tried under FSDP2
+    replays = routing_replays(policy, seqs, P, ids.shape[1] - P, mb) if cfg.routing_replay == "rollout" else []
+    # two forwards per backward: not tried under FSDP2; replay routes one [B, T] forward at a time
+    share = cfg.shared_prefix and not dist.fsdp and not replays
     n_mb = -(-ids.shape[0] // mb)
     # the log-probs before the update (mu > 1) and the reference's, micro-batches side by side as well
     logprobs_of = functools.partial(micro_batch_logprobs, cfg, ids, attn, P, dist, share)  # (model, i)
-    # the precision context (r1.compute) around each micro-batch's forward and backward, on its own thread
-    ctx = functools.partial(compute_context, cfg.precision, dist.device, dist.fsdp)
+
+    def ctx(i: int, replay: bool = True) -> contextlib.ExitStack:
+        """Around micro-batch i's forward and backward, on its thread: the precision context (r1.compute) and the
+        rollout's routing (r1.routing; the policy's forwards only)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(compute_context(cfg.precision, dist.device, dist.fsdp))
+        if replays and replay:
+            stack.enter_context(replays[i])
+        return stack
+
     old = torch.cat(micro_batches(functools.partial(logprobs_of, policy), n_mb, run.params, run.workers, ctx)) \
         if cfg.mu > 1 else None
-    ref_lp = torch.cat(micro_batches(functools.partial(logprobs_of, run.ref), n_mb, run.params, run.workers, ctx)) \
-        if run.ref is not None else None
+    ref_lp = torch.cat(micro_batches(functools.partial(logprobs_of, run.ref), n_mb, run.params, run.workers,
+                                     functools.partial(ctx, replay=False))) if run.ref is not None else None
     batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
     step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
     sums: dict[str, float] = {}
@@ -471,7 +498,22 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
+    if replays:
+        same_total = dist.all_reduce(torch.tensor([sum(t) for t in zip(*(r.tally() for r in replays), strict=True)],
+                                                  device=dist.device))
+        metrics["moe/routing_agreement"] = float(same_total[0] / same_total[1].clamp(min=1))
     return {**metrics, **{k: v / cfg.mu for k, v in sums.items()}}
+
+
+def routing_replays(policy: nn.Module, seqs: list[tuple[list[int], Any]], P: int, C: int,
+                    mb: int) -> list[RoutingReplay]:
+    """One RoutingReplay per micro-batch: each sequence's recorded experts laid out as `pack` lays out its ids
+    (prompt left-padded to P, completion right-padded to C); pads UNROUTED."""
+    L, K = seqs[0][1].routed_experts.shape[1:]
+    routed = torch.full((len(seqs), P + C, L, K), UNROUTED, dtype=torch.int16)
+    for b, (prompt, ro) in enumerate(seqs):
+        routed[b, P - len(prompt):P + len(ro.token_ids)] = ro.routed_experts
+    return [RoutingReplay(policy, routed[i:i + mb]) for i in range(0, len(seqs), mb)]
 
 
 def balance_and_sync(run: Run, step: int) -> dict[str, float]:

@@ -80,6 +80,10 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     (["train", "dual_clip=0.5"], "dual_clip must be > 1"),
     (["train", "no_such_recipe.yaml"], "recipe 'no_such_recipe.yaml' not found"),
     (["sft", "batch_sise=4"], "unknown key 'batch_sise' (did you mean 'batch_size'?)"),
+    (["train", "routing_replay=engine"], "unknown routing_replay 'engine'; known: none, rollout"),
+    (["train", "routing_replay=rollout", "engine=vllm"], "routing_replay=rollout needs an engine that returns"),
+    (["train", "mismatch_mask=tokens"], "unknown mismatch_mask 'tokens'; known: none, sequence, token"),
+    (["train", "mismatch_low=2"], "mismatch bounds must satisfy"),
 ])
 def test_bad_input_is_one_line_before_compute(args: list[str], needle: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
@@ -414,3 +418,39 @@ def test_optim_key_picks_the_optimizer(model_dir: Path, tmp_path: Path) -> None:
     opt = checkpoint.read_state(checkpoint.latest(tmp_path / "run" / "checkpoints"))["optimizer"]
     moments = [s["exp_avg"] for s in opt["state"].values() if "exp_avg" in s]
     assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+
+
+def test_routing_replay_in_the_loop(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """routing_replay=rollout with dynamic-sampling refills, padded prompts and completions, micro-batches and full
+    activation checkpointing (the routers recomputed in backward): the engine's recorded experts line up with the
+    training forward token for token (the same weights route alike: agreement ~1; one token off would be ~0.1),
+    and every replayed forward saw the rollout's routing."""
+    from r1 import trainer
+
+    made = []
+    real = trainer.routing_replays
+    monkeypatch.setattr(trainer, "routing_replays", lambda *a: made.append(real(*a)) or made[-1])
+    train(tiny(model_dir, tmp_path / "r3", steps=2, routing_replay="rollout", gradient_checkpointing="full",
+               micro_batch=4, mismatch_mask="token"))
+    logged = [json.loads(x) for x in (tmp_path / "r3" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["moe/routing_agreement"] > 0.97 for x in logged), [x["moe/routing_agreement"] for x in logged]
+    assert all("mismatch/masked_fraction" in x for x in logged)
+    assert len(made) == 2 and all(len(step) >= 2 for step in made)  # two micro-batches or more each step
+    for step in made:
+        for rp in step:
+            same, total = rp.tally()
+            assert total > 0  # every micro-batch's forward replayed recorded experts
+
+
+def test_routing_replay_needs_a_moe_policy(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    from r1.model.config import PRESETS
+    from r1.model.model import V3ForCausalLM
+    from r1.policy import export
+    from r1.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("dense")
+    export(V3ForCausalLM(PRESETS["smoke"].replace(first_k_dense_replace=3, num_nextn_predict_layers=0)),
+           load_tokenizer("char"), d)
+    with pytest.raises(ValueError, match="routing_replay=rollout needs a policy with MoE layers"):
+        train(tiny(d, tmp_path / "dense", steps=1, routing_replay="rollout"))
+    assert not (tmp_path / "dense").exists()  # before anything is written

@@ -37,11 +37,12 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool): 
 
 def micro_batches(fn: Callable[[int], tuple[Tensor | None, Any]], n: int, params: Sequence[Tensor],
                   workers: int = 1,
-                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[Any]:
+                  context: Callable[[int], contextlib.AbstractContextManager] = lambda i: contextlib.nullcontext(),
+                  ) -> list[Any]:
     """Run fn(i) -> (loss, out) for the micro-batches i = 0..n-1; add the gradient of every loss to the params'
-    .grad and return the outs in order. A loss of None takes no gradient (log-probs under no_grad). `context()`
-    is entered around each micro-batch's forward AND backward, on the thread that runs them (r1.compute's
-    precision context is thread-local and must hold in backward too).
+    .grad and return the outs in order. A loss of None takes no gradient (log-probs under no_grad). `context(i)`
+    is entered around micro-batch i's forward AND backward, on the thread that runs them (r1.compute's
+    precision context is thread-local and must hold in backward too; r1.routing's replay holds i's experts).
 
     workers == 1: in order on this thread, loss.backward() after each.
     workers == W > 1 (CPU): W threads, each with 1/W of torch's intra-op threads; micro-batch i runs on thread
@@ -57,7 +58,7 @@ def micro_batches(fn: Callable[[int], tuple[Tensor | None, Any]], n: int, params
     if workers <= 1 or n <= 1:
         outs = []
         for i in range(n):
-            with context():
+            with context(i):
                 loss, out = fn(i)
                 if loss is not None:
                     loss.backward()
@@ -72,7 +73,7 @@ def micro_batches(fn: Callable[[int], tuple[Tensor | None, Any]], n: int, params
         total: list[Tensor | None] = [None] * len(params)
         outs = {}
         for i in range(w, n, W):
-            with context():
+            with context(i):
                 loss, outs[i] = fn(i)
                 grads = torch.autograd.grad(loss, params, allow_unused=True) if loss is not None else None
             if grads is not None:
