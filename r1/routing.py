@@ -34,6 +34,20 @@ def moe_routers(model: nn.Module) -> list[Router]:
     return [blk.mlp.gate for blk in layers if isinstance(getattr(blk, "mlp", None), MoE)]
 
 
+def from_vllm(routed_SLK: Any, moe_layers: range | list[int], tokens: int) -> Tensor:
+    """vLLM's CompletionOutput.routed_experts -> r1's layout. vLLM (0.32, `enable_return_routed_experts`) returns
+    [tokens - 1, num_hidden_layers, top_k] uint8 / uint16 (numpy): every decoder layer, dense ones unwritten, and
+    no row for the last token, which no forward consumed. Here: the MoE layers' columns, [tokens, L, K] int16, the
+    last row UNROUTED. `moe_layers`: their decoder indices (V3: first_k_dense_replace .. num_hidden_layers - 1)."""
+    t = torch.as_tensor(routed_SLK)
+    if t.dim() != 3 or t.shape[0] not in (tokens - 1, tokens) or t.shape[1] <= max(moe_layers):
+        raise ValueError(f"vLLM routed_experts of shape {tuple(t.shape)} do not cover {tokens} tokens x layers "
+                         f"{moe_layers[0]}..{moe_layers[-1]} (expected [tokens - 1, num_hidden_layers, top_k])")
+    out = torch.full((tokens, len(moe_layers), t.shape[2]), UNROUTED, dtype=torch.int16)
+    out[:t.shape[0]] = t[:, list(moe_layers)].to(torch.int16)
+    return out
+
+
 class RoutingRecorder:
     """Inside `with RoutingRecorder(model) as rec:`, each forward of the model leaves its expert choices;
     `rec.take()` returns the last forward's as [N, L, K] int16 (N = its B * T tokens, row-major) and clears them."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from r1.model import PRESETS, V3ForCausalLM
-from r1.routing import UNROUTED, RoutingRecorder, RoutingReplay, moe_routers
+from r1.routing import UNROUTED, RoutingRecorder, RoutingReplay, from_vllm, moe_routers
 from r1.trainer import sequence_logprobs
 from rollouts import SamplingParams
 from rollouts.torch_engine import TorchEngine
@@ -121,3 +121,21 @@ def test_engine_records_every_prompt_and_completion_token():
         agree += (got.sort(-1).values == want.sort(-1).values).all(-1).sum().item()
         total += got.shape[0] * L
     assert agree / total > 0.98  # cached decode and a full forward round apart; a shift by one token: ~0.1
+
+
+def test_vllm_routed_experts_become_r1s_layout():
+    """vLLM's array ([tokens - 1, num_hidden_layers, top_k] uint8, the dense layer's column unwritten) as vLLM's
+    capturer fills it, from this model's routing: the MoE columns come back token for token, the last UNROUTED."""
+    import numpy as np
+
+    m, (ids, mask) = model(), batch()
+    own = routed(m, ids, mask)[0]  # [T, L, K], L = the 2 MoE layers of 3 (first_k_dense_replace = 1)
+    c = m.config
+    T = own.shape[0]
+    vllm = np.zeros((T - 1, c.num_hidden_layers, c.num_experts_per_tok), dtype=np.uint8)
+    vllm[:, c.first_k_dense_replace:] = own[:-1].numpy()
+    got = from_vllm(vllm, range(c.first_k_dense_replace, c.num_hidden_layers), T)
+    assert got.dtype == torch.int16 and got.shape == own.shape
+    assert torch.equal(got[:-1], own[:-1]) and (got[-1] == UNROUTED).all()
+    with pytest.raises(ValueError, match="do not cover"):
+        from_vllm(vllm[:, :1], range(1, 3), T)
