@@ -29,6 +29,7 @@ Shape legend: M tokens (rows), K contraction, N outputs, E experts, Kb = K/128 b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -366,6 +367,15 @@ def _count_step(*_: object) -> None:
 register_optimizer_step_post_hook(_count_step)
 
 
+def _cache_mode() -> contextlib.ExitStack:
+    """No autograd, and never inference tensors: a copy made while rollouts decode (inference_mode) is reused by the
+    next training forward, which saves it for backward."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(torch.inference_mode(False))
+    return stack
+
+
 class _WeightCache:
     """The fp8 copy of one master weight, kept until the master's (version, storage, trainable) or the process's
     optimizer step count changes: a forward, its backward and every decode step between two optimizer steps share
@@ -386,7 +396,7 @@ class _WeightCache:
     def get(self, w: Tensor, cfg: Fp8Config) -> tuple[Tensor, Tensor]:
         key = self._key(w, w.requires_grad)
         if key != self.key:
-            with torch.no_grad():
+            with _cache_mode():
                 self.q, self.s = quantize(w.detach(), cfg.block, cfg.block, cfg.pow2_scales)
             self.key = key
         return self.q, self.s
@@ -396,7 +406,7 @@ class _WeightCache:
         dequantising `get`'s copy (trainable: fake-quantised in arithmetic, no fp8 round trip)."""
         key, b = self._key(w, w.requires_grad), cfg.block
         if key != self.values_key:
-            with torch.no_grad():
+            with _cache_mode():
                 self.v = fake_quantize(w.detach(), b, b, cfg.pow2_scales) if w.requires_grad \
                     else dequantize(*self.get(w, cfg), b, b)
             self.values_key = key

@@ -342,6 +342,11 @@ def test_weight_cache_follows_the_master():
     v1 = lin._cache.v
     lin(x)
     assert lin._cache.v is v1  # no step between two forwards: one quantisation
+    with torch.no_grad():
+        lin.weight.mul_(1.5)  # a new version: re-quantised, first while rollouts decode (inference mode) ...
+    with torch.inference_mode():
+        lin(x)
+    lin(x).sum().backward()  # ... then saved for backward by the update's forward
     v = lin.weight._version
     torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True).step()
     assert lin.weight._version == v  # the hazard: no version bump
