@@ -30,7 +30,7 @@ from r1.model.hf import hf_state_dict, save_hf  # noqa: E402
 from r1.tokenizer import load_tokenizer  # noqa: E402
 from rollouts import SamplingParams, make_engine  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default would reserve far more on a CPU
 
 
