@@ -183,7 +183,8 @@ def engine_kwargs(opts: dict[str, Any], model: nn.Module, tokenizer: Any, rank: 
     return "vllm", dict(model=model, tokenizer=tokenizer, tensor_parallel_size=opts["tensor_parallel_size"],
                         gpu_memory_utilization=opts["gpu_memory_utilization"], max_model_len=opts["max_model_len"],
                         dtype=opts["dtype"], enforce_eager=opts["enforce_eager"],
-                        enable_sleep_mode=opts["enable_sleep_mode"], world=world)
+                        enable_sleep_mode=opts["enable_sleep_mode"], world=world,
+                        seed=rank // opts["tensor_parallel_size"])  # a tensor-parallel group samples as one engine
 
 
 def _one_line(e: BaseException) -> str:
