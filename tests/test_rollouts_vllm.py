@@ -302,38 +302,42 @@ def test_server_fsdp2_two_processes(server, v3_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad input, one line
-def test_bad_vllm_input_is_one_line(tmp_path, capsys, monkeypatch):
-    """Before anything loads: a model vLLM cannot serve (mHC), a vLLM too old, bad engine keys, and (with vllm) a
-    server that does not answer and options vLLM itself rejects."""
+def one_line_error(capsys: pytest.CaptureFixture, *args: str) -> str:
+    assert main(["train", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_vllm_input_is_one_line(tmp_path, capsys):
+    """Before anything loads, with or without vllm: a model vLLM cannot serve (mHC), bad engine keys, a vLLM too
+    old."""
     from rollouts.vllm_engine import VLLMUnavailable, check_version
 
     mhc = tmp_path / "mhc"
     export(V3ForCausalLM(PRESETS["tiny"].replace(residual="mhc")), load_tokenizer("char"), mhc)
-
-    def err(*args: str) -> str:
-        assert main(["train", *args]) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        return lines[0]
-
-    assert "vLLM cannot serve this model: it has mhc hyper-connections" in err(f"model={mhc}", "engine=vllm")
-    assert "unknown vllm_mode 'colocated'" in err(f"model={mhc}", "engine=vllm", "vllm_mode=colocated")
-    assert "vllm_gpu_memory_utilization must be in (0, 1]" in err(f"model={mhc}", "engine=vllm",
-                                                                  "vllm_gpu_memory_utilization=1.5")
+    assert "vLLM cannot serve this model: it has mhc hyper-connections" in \
+        one_line_error(capsys, f"model={mhc}", "engine=vllm")
+    assert "unknown vllm_mode 'colocated'" in \
+        one_line_error(capsys, f"model={mhc}", "engine=vllm", "vllm_mode=colocated")
+    assert "vllm_gpu_memory_utilization must be in (0, 1]" in \
+        one_line_error(capsys, f"model={mhc}", "engine=vllm", "vllm_gpu_memory_utilization=1.5")
     with pytest.raises(VLLMUnavailable, match=r"vllm 0.31.2 is too old for r1, which needs vllm >= 0.32"):
         check_version("0.31.2")
     check_version("0.32.0+cpu")
-    if not HAVE_VLLM:
-        return
+
+
+@vllm_test
+def test_bad_vllm_input_with_vllm_is_one_line(v3_dir, tmp_path, capsys, monkeypatch):
+    """The installed vLLM too old, a server that does not answer, options vLLM itself rejects."""
     import vllm
 
-    v3 = tmp_path / "v3"
-    export(V3ForCausalLM(PRESETS["tiny"].replace(**VLLM_MLA)), load_tokenizer("char"), v3)
     monkeypatch.setattr(vllm, "__version__", "0.31.0")
-    assert "vllm 0.31.0 is too old" in err(f"model={v3}", "engine=vllm")
+    assert "vllm 0.31.0 is too old" in one_line_error(capsys, f"model={v3_dir}", "engine=vllm")
     monkeypatch.undo()
     nobody = f"http://127.0.0.1:{free_port()}"
-    assert f"no vLLM server answers at {nobody}" in err(f"model={v3}", "engine=vllm", "vllm_mode=server",
-                                                        f"vllm_server_url={nobody}")
-    assert "vLLM rejected the engine options" in err(f"model={v3}", "engine=vllm", "vllm_max_model_len=100000",
-                                                     "vllm_enforce_eager=true", f"output_dir={tmp_path / 'run'}")
+    assert f"no vLLM server answers at {nobody}" in \
+        one_line_error(capsys, f"model={v3_dir}", "engine=vllm", "vllm_mode=server", f"vllm_server_url={nobody}")
+    assert "vLLM rejected the engine options" in \
+        one_line_error(capsys, f"model={v3_dir}", "engine=vllm", "vllm_max_model_len=100000",
+                       "vllm_enforce_eager=true", f"output_dir={tmp_path / 'run'}")
