@@ -194,7 +194,7 @@ def _one_line(e: BaseException) -> str:
 class VLLMEngine:
     def __init__(self, model: str | nn.Module, tokenizer: Any = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, dtype: str = "auto",
-                 enable_sleep_mode: bool = True, sleep_level: int = 2, seed: int = 0, enforce_eager: bool = False,
+                 enable_sleep_mode: bool = False, sleep_level: int = 2, seed: int = 0, enforce_eager: bool = False,
                  world: int = 1, **llm_kwargs: Any):
         check_servable(model)  # what no vLLM serves, refused before vLLM loads
         vllm = import_vllm()
