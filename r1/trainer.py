@@ -197,8 +197,9 @@ def check(cfg: TrainConfig) -> None:
     """Choices named in the recipe exist, before anything loads: one line naming the bad value."""
     from rollouts import ENGINES
 
+    engines = [e for e in ENGINES if e != "vllm_server"]  # a recipe says engine=vllm vllm_mode=server
     registries = {"ratio": grpo.RATIOS, "aggregation": grpo.AGGREGATIONS, "advantage_scale": grpo.ADVANTAGE_SCALES,
-                  "engine": ENGINES, "optim": OPTIMIZERS}
+                  "engine": engines, "optim": OPTIMIZERS}
     for name, known in registries.items():
         if getattr(cfg, name) not in known:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; known: {', '.join(known)}")
@@ -242,7 +243,8 @@ def build_engine(cfg: TrainConfig, policy: nn.Module, tok: Any, dist: Dist) -> A
     name, kw = engine_kwargs(vllm_options(cfg), model=policy, tokenizer=tok, rank=dist.rank, world=dist.world)
     with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
         engine = make_engine(name, **kw)  # vLLM's dummy weights draw from torch's RNG: keep the run's stream
-    sync_weights(engine, policy)
+    if "model" not in kw:  # a server, started from the model's directory: the (maybe resumed) weights now
+        sync_weights(engine, policy)
     return engine
 
 
