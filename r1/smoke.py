@@ -94,7 +94,10 @@ def run_smoke(cfg: SmokeConfig) -> dict[str, float]:
     print(f"[2/3] GRPO: {cfg.grpo_steps} steps", flush=True)
     train(TrainConfig(model=str(out / "sft" / "model"), output_dir=str(out / "grpo"), steps=cfg.grpo_steps,
                       lr=cfg.grpo_lr, prompts_per_step=cfg.grpo_prompts, micro_batch=cfg.grpo_micro_batch,
-                      seed=cfg.seed, progress=cfg.progress, engine=cfg.engine, **compute))
+                      seed=cfg.seed, progress=cfg.progress, engine=cfg.engine, **compute,
+                      # vLLM would serve an fp32 model in bf16 on a CPU, and compile it for minutes: a model this small
+                      # decodes as fast eager, and the same dtype keeps the sampler's log-probs the trainer's
+                      vllm_dtype="float32" if cfg.precision == "fp32" else "bfloat16", vllm_enforce_eager=True))
     print("[3/3] held-out evaluation", flush=True)
     acc_grpo = heldout_accuracy(out / "grpo" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
