@@ -341,3 +341,32 @@ def test_bad_vllm_input_with_vllm_is_one_line(v3_dir, tmp_path, capsys, monkeypa
     assert "vLLM rejected the engine options" in \
         one_line_error(capsys, f"model={v3_dir}", "engine=vllm", "vllm_max_model_len=100000",
                        "vllm_enforce_eager=true", f"output_dir={tmp_path / 'run'}")
+
+
+COLOCATED_FSDP2 = """
+import sys
+from r1.trainer import TrainConfig, setup, collect, update, advantages, global_sizes, balance_and_sync
+from rollouts import SamplingParams, make_engine
+cfg = TrainConfig(model=sys.argv[1], output_dir=sys.argv[2], rewards=["test_rollouts_vllm:digit_share"],
+                  prompts_per_step=4, group_size=4, max_tokens=8, micro_batch=16, lr=3e-2, progress=False,
+                  dynamic_sampling=False, engine="vllm", vllm_dtype="float32", vllm_max_model_len=256,
+                  vllm_enforce_eager=True, steps=1)
+run, pos = setup(cfg)
+assert run.dist.fsdp and run.dist.world == 2
+greedy = lambda e: [r.token_ids for r in e.generate([[1, 20, 21, 22]], SamplingParams(temperature=0, max_tokens=10))]
+ref = make_engine("torch", model=run.policy, tokenizer=run.tok, lockstep=run.dist.any)  # the sharded policy
+before = greedy(run.engine)
+assert before == greedy(ref)
+c = collect(run, pos)
+update(run, c, advantages(c.rewards, cfg, run.dist), global_sizes(run, c))
+balance_and_sync(run, 0)
+after = greedy(run.engine)
+assert after == greedy(ref) != before, (before, after)
+"""
+
+
+@vllm_test
+def test_colocated_fsdp2_two_processes(v3_dir, tmp_path):
+    """Two FSDP2 ranks, each hosting a colocated engine of the job (external_launcher): every rank gathers the
+    sharded policy parameter by parameter into its engine, which then samples the updated weights."""
+    torchrun(COLOCATED_FSDP2, tmp_path, str(v3_dir), str(tmp_path / "run"), fsdp=True, timeout=900)
