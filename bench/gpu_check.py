@@ -9,6 +9,11 @@ fp8 / bf16 step-time ratio, and one JSON line. Sized to finish in under 8 minute
 
     python bench/gpu_check.py                          # ~1B V3, bf16 then fp8
     python bench/gpu_check.py --config smoke --batch 4 --prompt 16 --completion 32 --steps 2   # a CPU dry run
+    python bench/gpu_check.py --vllm-steps 3       # then colocated GRPO steps with vLLM asleep during each update
+
+--vllm-steps N runs N GRPO steps of the trainer's own stages (collect, update, balance_and_sync) with a colocated vLLM
+engine on the same GPU (the ~1B config with the char tokenizer's 128-token vocabulary, bf16): per step the GPU memory
+that vLLM's sleep frees (level 2: weights and KV cache), rollout / update / sync seconds and bytes synced.
 """
 
 from __future__ import annotations
@@ -87,6 +92,43 @@ def run(precision: str, c: V3Config, args: argparse.Namespace, dist: Dist) -> di
     return out
 
 
+def vllm_colocated(c: V3Config, args: argparse.Namespace) -> dict[str, float]:
+    """GRPO steps with a colocated vLLM that sleeps during each update; memory freed by sleep and the sync time."""
+    import tempfile
+
+    from r1.policy import export
+    from r1.tokenizer import load_tokenizer
+
+    directory = tempfile.mkdtemp(prefix="r1-gpu-check-")
+    torch.manual_seed(0)
+    export(V3ForCausalLM(c.replace(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+           load_tokenizer("char"), directory)
+    cfg = trainer.TrainConfig(model=directory, output_dir=directory + "/run", engine="vllm", precision="bf16",
+                              vllm_dtype="bfloat16", vllm_gpu_memory_utilization=0.3, vllm_max_model_len=1024,
+                              rewards=["format"], prompts_per_step=16, group_size=8, max_tokens=256,
+                              micro_batch=16, dynamic_sampling=False, progress=False)
+    run, pos = trainer.setup(cfg)
+    free = lambda: torch.cuda.mem_get_info()[0] / 2**30  # noqa: E731
+    out: dict[str, float] = {}
+    for step in range(args.vllm_steps):
+        t = time.perf_counter()
+        col = trainer.collect(run, pos)
+        t_roll = time.perf_counter() - t
+        before = free()
+        run.engine.sleep()
+        freed = free() - before
+        t = time.perf_counter()
+        trainer.update(run, col, trainer.advantages(col.rewards, cfg, run.dist), trainer.global_sizes(run, col))
+        t_update = time.perf_counter() - t
+        run.engine.wake()
+        m = trainer.balance_and_sync(run, step)
+        out = {"vllm_sleep_freed_gib": freed, "vllm_rollout_s": t_roll, "vllm_update_s": t_update,
+               "vllm_sync_s": m["sync/seconds"], "vllm_sync_gib": m["sync/bytes"] / 2**30}
+        print(f"vllm step {step}: sleep freed {freed:6.2f} GiB, rollout {t_roll:6.2f} s, update {t_update:6.2f} s, "
+              f"sync {m['sync/seconds']:5.2f} s ({m['sync/bytes'] / 2**30:.2f} GiB)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="gpu1b", help="gpu1b (~1B V3) or a preset name")
@@ -98,6 +140,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--fp8-block", type=int, default=0, help="0 = the largest of 128/64/32/16 the shapes allow")
     ap.add_argument("--gradient-checkpointing", default="none")
+    ap.add_argument("--vllm-steps", type=int, default=0, help="then N colocated GRPO steps with vLLM (GPU only)")
     args = ap.parse_args()
     c = GPU_1B if args.config == "gpu1b" else PRESETS[args.config]
     dist = Dist()
@@ -108,8 +151,10 @@ def main() -> None:
     results = {p: run(p, c, args, dist) for p in args.precisions.split(",")}
     if {"bf16", "fp8"} <= results.keys():
         print(f"fp8 / bf16 step time: {results['fp8']['step_s'] / results['bf16']['step_s']:.2f}x")
+    colocated = vllm_colocated(c, args) if args.vllm_steps else {}
     print(json.dumps({"bench": "gpu_check", "config": args.config, **{f"{p}_{k}": round(v, 4)
-                      for p, r in results.items() for k, v in r.items()}}))
+                      for p, r in results.items() for k, v in r.items()},
+                      **{k: round(v, 4) for k, v in colocated.items()}}))
 
 
 if __name__ == "__main__":

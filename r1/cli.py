@@ -112,6 +112,16 @@ def _smoke(cfg: Any) -> Any:
     return run_smoke(cfg)
 
 
+def cmd_vllm_serve(args: argparse.Namespace) -> int:
+    """Replace this process with a vLLM server the trainer can drive (rollouts.vllm_engine.serve_argv)."""
+    from rollouts.vllm_engine import serve_argv
+
+    argv, env = serve_argv(args.model, args.vllm_args)
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, {**os.environ, **env})
+    return 1  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1", description="Reasoning RL (GRPO) on a native DeepSeek-V3 stack")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         r = sub.add_parser(name, help=doc, description=f"{doc}. Fields: {', '.join(cls.__dataclass_fields__)}")
         r.add_argument("recipe", nargs="*", metavar="[RECIPE.yaml] key=value", help="a recipe file, then overrides")
         r.set_defaults(func=_run(cls, fn))
+    v = sub.add_parser("vllm-serve", help="a vLLM server for `r1 train engine=vllm vllm_mode=server`",
+                       description="Starts `vllm serve MODEL` with what the trainer needs: the sampler's log-probs "
+                                   "after temperature, weight transfer over NCCL (CUDA) or safetensors shards in a "
+                                   "shared directory (anywhere; --transport files), sleep mode where vLLM has it. "
+                                   "Every other option goes to vLLM (--port 8001, --tensor-parallel-size 2, ...).")
+    v.add_argument("model", help="a model directory or hub name (the trainer's starting weights)")
+    v.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="[--transport auto|nccl|files] [vLLM options]")
+    v.set_defaults(func=cmd_vllm_serve)
     e = sub.add_parser("eval", help="pass@1 / pass@k / maj@k on MATH-500, AIME, GSM8K or a JSONL file")
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)

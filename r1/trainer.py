@@ -36,9 +36,10 @@ from r1.model.hc import hc_metrics
 from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, update_router_biases
 from r1.optim import OPTIMIZERS
 from r1.parallel import Dist
-from r1.policy import engine_weights, export, load_policy
+from r1.policy import export, load_policy
 from r1.routing import UNROUTED, RoutingReplay, moe_routers
 from r1.runs import JsonlLogger, check_compute, prepare_model
+from r1.weight_sync import sync_weights
 
 
 @dataclass
@@ -54,7 +55,19 @@ class TrainConfig:
     rewards: list[str] = field(default_factory=lambda: ["math"])
     reward_weights: list[float] | None = None  # None = 1.0 each
     on_reward_error: str = "zero"
-    engine: str = "torch"
+    engine: str = "torch"  # torch | vllm (r1's own decoder, or vLLM colocated / as a server: vllm_mode)
+    # vLLM (engine=vllm), checked before anything loads (rollouts.vllm_engine.check_options)
+    vllm_mode: str = "colocate"  # colocate (in the training processes) | server (`r1 vllm-serve MODEL` elsewhere)
+    vllm_gpu_memory_utilization: float = 0.3  # colocated: the engine's share of the GPU (weights + KV cache)
+    vllm_tensor_parallel_size: int = 1  # colocated: ranks per engine (external_launcher: the engines join the job)
+    vllm_max_model_len: int | None = None  # None: the model's own
+    vllm_dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    vllm_enforce_eager: bool = False  # no CUDA graphs / torch.compile (faster start, slower decode)
+    vllm_enable_sleep_mode: bool = True  # colocated: free weights and KV cache during the update (CUDA/ROCm/XPU only)
+    vllm_server_url: str = "http://localhost:8000"
+    vllm_transport: str = "auto"  # server weight sync: nccl | files | auto (nccl where the trainer has CUDA)
+    vllm_sync_dir: str = "/dev/shm"  # files transport: safetensors shards the server reads (shared memory or disk)
+    vllm_bucket_mb: int = 1024  # server weight sync: bytes per NCCL bucket / safetensors shard
     steps: int = 40
     prompts_per_step: int = 16
     group_size: int = 8
@@ -192,8 +205,9 @@ def check(cfg: TrainConfig) -> None:
     """Choices named in the recipe exist, before anything loads: one line naming the bad value."""
     from rollouts import ENGINES
 
+    engines = [e for e in ENGINES if e != "vllm_server"]  # a recipe says engine=vllm vllm_mode=server
     registries = {"ratio": grpo.RATIOS, "aggregation": grpo.AGGREGATIONS, "advantage_scale": grpo.ADVANTAGE_SCALES,
-                  "engine": ENGINES, "optim": OPTIMIZERS, "mismatch_mask": grpo.MISMATCH_MASKS}
+                  "engine": engines, "optim": OPTIMIZERS, "mismatch_mask": grpo.MISMATCH_MASKS}
     for name, known in registries.items():
         if getattr(cfg, name) not in known:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; known: {', '.join(known)}")
@@ -219,6 +233,37 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown tracker {unknown[0]!r}; known: {', '.join(x.value for x in LoggerType)}")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
         raise FileNotFoundError(f"resume checkpoint {cfg.resume!r} not found")
+    if cfg.engine == "vllm":
+        from rollouts.vllm_engine import check_options
+
+        check_options(cfg.model, **vllm_options(cfg))
+
+
+def vllm_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe's vllm_* keys as the engine's keyword arguments (rollouts.vllm_engine.engine_kwargs splits them)."""
+    return {k.removeprefix("vllm_"): getattr(cfg, k) for k in cfg.__dataclass_fields__ if k.startswith("vllm_")}
+
+
+def build_engine(cfg: TrainConfig, policy: nn.Module, tok: Any, dist: Dist) -> Any:
+    """The rollout engine, built after a resumed checkpoint has loaded, so its first rollout samples those weights.
+    vLLM starts from the model's config alone and gets the weights by the same streamed sync as every step after."""
+    from rollouts import make_engine
+
+    if cfg.engine != "vllm":
+        # the torch engine decodes with the policy itself; under FSDP2 its ranks decode in lockstep (every forward is
+        # a collective), so no rank ever holds an unsharded copy
+        opts: dict[str, Any] = {"lockstep": dist.any} if dist.fsdp and cfg.engine == "torch" else {}
+        if cfg.routing_replay == "rollout":
+            opts["return_routed_experts"] = True
+        return accelerate_engine(make_engine(cfg.engine, model=policy, tokenizer=tok, **opts))
+    from rollouts.vllm_engine import engine_kwargs
+
+    name, kw = engine_kwargs(vllm_options(cfg), model=policy, tokenizer=tok, rank=dist.rank, world=dist.world)
+    with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
+        engine = make_engine(name, **kw)  # vLLM's dummy weights draw from torch's RNG: keep the run's stream
+    if "model" not in kw:  # a server, started from the model's directory: the (maybe resumed) weights now
+        sync_weights(engine, policy)
+    return engine
 
 
 ROUTING_REPLAY = ("none", "rollout")
@@ -245,6 +290,7 @@ class Run:
     out_dir: Path
     logger: JsonlLogger | None = None
     tracker: Any = None
+    colocated: bool = False  # a vLLM engine in the training processes: asleep during each update
 
 
 @dataclass
@@ -274,7 +320,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     the model, optimizer, scheduler, RNG and data position."""
     from r1.tokenizer import load_tokenizer
     from rewards.combine import RewardSet
-    from rollouts import SamplingParams, make_engine
+    from rollouts import SamplingParams
 
     check(cfg)
     dist = Dist(cfg.expert_parallel)
@@ -305,17 +351,11 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
     ref = load_policy(cfg.model, device=dist.device, shard=functools.partial(  # sharded as the policy is
         prepare_model, dist=dist, precision=cfg.precision, fp8_block=cfg.fp8_block, gradient_checkpointing="none",
         speed_layer=accelerate)).eval().requires_grad_(False) if cfg.beta > 0 else None
-    # the torch engine decodes with the policy itself; under FSDP2 its ranks decode in lockstep (every forward is a
-    # collective), so no rank ever holds an unsharded copy
-    lockstep = {"lockstep": dist.any} if dist.fsdp and cfg.engine == "torch" else {}
-    if cfg.routing_replay == "rollout":
-        lockstep["return_routed_experts"] = True
-    engine = accelerate_engine(make_engine(cfg.engine, model=policy, tokenizer=tok, **lockstep))
     opt = OPTIMIZERS[cfg.optim](policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)  # the same order on every rank; each reads its own slice
-    run = Run(cfg, dist, policy, ref, engine, tok, opt, sched,
+    run = Run(cfg, dist, policy, ref, None, tok, opt, sched,
               params=[p for p in policy.parameters() if p.requires_grad],
               # replay keeps one routing per model at a time: micro-batches one after another
               workers=1 if cfg.routing_replay != "none" else update_workers(cfg.update_workers, dist.device, dist.fsdp),
@@ -329,6 +369,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Position]:
         pos = Position(state["step"], state["cursor"], state.get("keep_rate"))
         if ref is not None:
             dist.load_full_state(ref, state["ref"])
+    run.engine = build_engine(cfg, policy, tok, dist)
+    run.colocated = cfg.engine == "vllm" and cfg.vllm_mode == "colocate"
     run.logger = JsonlLogger(out_dir / "metrics.jsonl", resume_step=pos.step) if dist.main else None
     if cfg.report_to:  # TensorBoard / W&B through accelerate; the JSONL file is always written
         from accelerate import Accelerator
@@ -527,7 +569,7 @@ def balance_and_sync(run: Run, step: int) -> dict[str, float]:
         for m in policy.modules():
             if hasattr(m, "tokens_per_expert"):
                 m.tokens_per_expert.zero_()
-    run.engine.load_weights(engine_weights(policy, run.engine))  # no-op when the engine shares the policy
+    metrics |= sync_weights(run.engine, policy)  # nothing to do when the engine decodes with the policy itself
     if run.ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
         run.dist.copy_weights(run.ref, policy)
     return metrics
@@ -584,7 +626,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         metrics = dict(c.metrics)
         sizes = global_sizes(run, c)
         if sizes.sequences > 0:  # some rank kept a group
+            if run.colocated:
+                run.engine.sleep()  # a colocated vLLM frees its weights and KV cache for the update
             metrics |= update(run, c, advantages(c.rewards, cfg, run.dist), sizes)
+            if run.colocated:
+                run.engine.wake()  # and takes the memory back; the sync below refills the weights
             metrics |= balance_and_sync(run, step)
         metrics = log_step(run, step, c, metrics, t1 - t0, time.perf_counter() - t1)
         pos.step = step + 1
