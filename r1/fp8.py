@@ -165,7 +165,8 @@ BACKENDS: dict[str, Gemm] = {"emulated": gemm_emulated, "emulated_exact": gemm_e
 def _scaled_mm_works(device: torch.device) -> bool:
     """Hopper (sm90; cuBLASLt's blockwise path is sm90-only), a torch with F.scaled_mm, and one real call of
     each of the three recipes checked against the emulation (catches unsupported layouts or dtypes)."""
-    if device.type != "cuda" or not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(F, "scaled_mm") \
+            or torch.cuda.get_device_capability(device)[0] != 9:  # (fake CUDA tensors in a CPU-only torch: no)
         return False
     try:
         g = torch.Generator(device=device).manual_seed(0)
@@ -390,7 +391,8 @@ class Fp8GroupedExperts(GroupedExperts):
         w_EYX = getattr(self, name)
         wq, sw = self._caches[name].get(w_EYX, self.cfg)
         gemm = _gemm_for(x_NX, self.cfg)
-        grouped = self.grouped and gemm is gemm_emulated and hasattr(torch, "_grouped_mm")
+        # (on a CPU only: CUDA's torch._grouped_mm takes bf16, not the dequantised fp32 operands; tests/test_dryrun.py)
+        grouped = self.grouped and gemm is gemm_emulated and hasattr(torch, "_grouped_mm") and x_NX.device.type == "cpu"
         return _Fp8GroupedMM.apply(x_NX, w_EYX, wq, sw, splits, self.cfg, gemm, grouped)
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:

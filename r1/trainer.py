@@ -450,20 +450,21 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
         if run.ref is not None else None
     batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
     step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
-    sums: dict[str, float] = {}
-    metrics: dict[str, float] = {}
+    # the metrics stay on the device until the update ends: each .item() / float() in the loop would be a host sync
+    sums: dict[str, Tensor] = {}
     for _ in range(cfg.mu):
         run.opt.zero_grad(set_to_none=True)
         for i, m in enumerate(micro_batches(step_fn, n_mb, run.params, run.workers, ctx)):
-            w = cmask[i * mb:(i + 1) * mb].sum().item() / max(1, n_tok_local)
+            w = cmask[i * mb:(i + 1) * mb].sum() / max(1, n_tok_local)
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * w
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * w
         dist.average_grads(policy)
-        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+        grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
-    return {**metrics, **{k: v / cfg.mu for k, v in sums.items()}}
+    means = (torch.stack(list(sums.values())) / cfg.mu).tolist() if sums else []
+    return {"grad_norm": float(grad_norm), **dict(zip(sums, means, strict=True))}
 
 
 def balance_and_sync(run: Run, step: int) -> dict[str, float]:
