@@ -23,7 +23,7 @@ import os
 import time
 import traceback
 import unittest.mock
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,9 @@ def grpo_micro_batch(model: nn.Module, batch: Any, precision: str, shared_prefix
 
 def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, max_grad_norm: float = 1.0) -> Tensor:
     """What r1.trainer.update does after the micro-batches: clip the gradient norm, step, drop the gradients."""
-    norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    from r1.optim import clip_grad_norm_
+
+    norm = clip_grad_norm_(model.parameters(), max_grad_norm)
     opt.step()
     return norm
 
@@ -243,7 +245,7 @@ def count_train_flops(c: V3Config, tokens: int) -> float:
     from r1.logprobs import token_logprobs
 
     with FakeTensorMode(), HostSyncs():
-        model = fake_model(c, "cpu", torch.float32).train()
+        model = fake_model(c, "cpu", torch.bfloat16).train()  # (FLOPs are FLOPs)
         ids = torch.randint(0, c.vocab_size, (1, tokens + 1))
         with flop_counter() as fc:
             h = model(ids[:, :-1], mtp=False).hidden
@@ -267,10 +269,13 @@ class Simulation:
         return sum(self.peak.get(k, 0.0) for k in kinds)
 
     def components(self) -> list[tuple[str, float]]:
-        return [("parameters (sharded + gathered copies)", self._sum("Parameter", "Sharded Param", "Unsharded Param")),
-                ("gradients (sharded + unsharded)", self._sum("Gradient", "Sharded Grad", "Unsharded Grad")),
-                ("optimizer state", self._sum("Optstate")),
-                ("activations and temporaries", self._sum("Activation", "Temp")),
+        # MemTracker's kinds (one rank) and FSDPMemTracker's (sharded), in the plan's groups
+        return [("parameters (sharded + gathered copies)",
+                 self._sum("Parameter", "Sharded Param", "Unsharded Param", "All Gather")),
+                ("gradients (sharded + unsharded)",
+                 self._sum("Gradient", "Sharded Grad", "Unsharded Grad", "Reduce Scatter")),
+                ("optimizer state", self._sum("Optstate", "OptState")),
+                ("activations and temporaries", self._sum("Activation", "Temp", "Inputs")),
                 ("buffers and other", self._sum("Buffer", "Other"))]
 
     @property
@@ -317,43 +322,64 @@ def _dist(world: int) -> Any:
     return d
 
 
-def simulate(c: V3Config, spec: PlanSpec, fp8_block: int = 128, prompt: int | None = None,
-             model_fn: Callable[[V3Config], nn.Module] = V3ForCausalLM) -> Simulation:
+def _update_global_peak(tracker: Any, peak_state: Any = None) -> None:
+    """The trackers' peak update after every op, for the whole process only: theirs also walks every module seen so
+    far for per-module peaks (unused here), which made the step quadratic in the model's size (a 1B model: 60% of
+    the simulation's time)."""
+    for dev, snap in tracker._curr_mem_snap.items():
+        if tracker._peak_mem.get(dev, 0) < snap["Total"]:
+            tracker._peak_mem[dev] = snap["Total"]
+            tracker._peak_mem_snap[dev] = dict(snap)
+
+
+def tracked_update(model: nn.Module, c: V3Config, spec: PlanSpec, sharded: bool, prompt: int | None = None
+                   ) -> tuple[dict[str, float], float]:
     """One GRPO update micro-batch of spec.micro_batch_tokens tokens (one sequence: a prompt of `prompt` tokens,
-    default T/8 up to 256, and its completion) and the optimizer step after it, on rank 0 of spec.gpus fake ranks,
-    with the model prepared as `r1 train` prepares it (precision, gradient checkpointing, FSDP2). Gradients of an
-    earlier micro-batch and AdamW's state are held throughout, as r1.plan assumes."""
+    default T/8 up to 256, and its completion) and the optimizer step after it, on a model made ready by
+    r1.runs.prepare_model, with the gradients of an earlier micro-batch and AdamW's state held throughout (as
+    r1.plan assumes). Returns this rank's peak bytes by kind (FSDPMemTracker when sharded, else MemTracker) and the
+    micro-batch's FLOPs. Real or fake tensors alike (tests/test_simulate.py runs it in two gloo processes)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from r1.optim import OPTIMIZERS
+
+    T = spec.micro_batch_tokens
+    P = prompt if prompt is not None else min(256, max(1, T // 8))
+    opt = OPTIMIZERS[spec.optim](model.parameters(), lr=1e-6, weight_decay=0.0, betas=(0.9, 0.99))
+    hold_gradients_and_state(model, opt)
+    batch = update_batch(c, 1, P, T - P, "cpu")
+    tracker = FSDPMemTracker(model, opt) if sharded else MemTracker()
+    if not sharded:
+        tracker.track_external(model, opt)
+    tracker._update_peak_stats = functools.partial(_update_global_peak, tracker)  # type: ignore[method-assign]
+    # r1.compute.compute_context without the CPU's bf16 GEMM emulation: a GPU's GEMMs take bf16 natively
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=spec.precision != "fp32" and not sharded)
+    with tracker, flop_counter() as fc:
+        with autocast:
+            grpo_micro_batch(model, batch, spec.precision)
+        optimizer_step(model, opt)
+    peak = {getattr(k, "value", str(k)): float(v)
+            for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+    return peak, float(fc.get_total_flops())
+
+
+def simulate(c: V3Config, spec: PlanSpec, fp8_block: int = 128, prompt: int | None = None) -> Simulation:
+    """tracked_update on fake tensors, on rank 0 of spec.gpus fake ranks, the model prepared as `r1 train` prepares
+    it (precision, gradient checkpointing, FSDP2 when gpus > 1)."""
     from r1.runs import prepare_model
 
-    N, T = spec.gpus, spec.micro_batch_tokens
-    P = prompt if prompt is not None else min(256, max(1, T // 8))
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if N > 1:
-            stack.enter_context(fake_world(N))
+        if spec.gpus > 1:
+            stack.enter_context(fake_world(spec.gpus))
         stack.enter_context(FakeTensorMode())
         syncs = stack.enter_context(HostSyncs())
-        dist = _dist(N)
-        model = prepare_model(model_fn(c), dist, spec.precision, fp8_block, spec.gradient_checkpointing)
-        opt = OPTIMIZERS[spec.optim](model.parameters(), lr=1e-6, weight_decay=0.0, betas=(0.9, 0.99))
-        hold_gradients_and_state(model, opt)
-        batch = update_batch(c, 1, P, T - P, "cpu")
-        tracker = FSDPMemTracker(model, opt) if dist.fsdp else MemTracker()
-        if not dist.fsdp:
-            tracker.track_external(model, opt)
-        # r1.compute.compute_context without the CPU's bf16 GEMM emulation: a GPU's GEMMs take bf16 natively
-        autocast = torch.autocast("cpu", torch.bfloat16, enabled=spec.precision != "fp32" and not dist.fsdp)
-        with tracker, flop_counter() as fc:
-            with autocast:
-                grpo_micro_batch(model, batch, spec.precision)
-            optimizer_step(model, opt)
-        peak = {getattr(k, "value", str(k)): float(v)
-                for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
-    return Simulation(spec, peak, float(fc.get_total_flops()), T, time.perf_counter() - t0, list(syncs.sites))
+        dist = _dist(spec.gpus)
+        model = prepare_model(V3ForCausalLM(c), dist, spec.precision, fp8_block, spec.gradient_checkpointing)
+        stack.enter_context(even_expert_splits(model, syncs))
+        peak, flops = tracked_update(model, c, spec, dist.fsdp, prompt)
+    return Simulation(spec, peak, flops, spec.micro_batch_tokens, time.perf_counter() - t0, list(syncs.sites))
 
 
 def analytic_flops(c: V3Config, tokens: int) -> float:

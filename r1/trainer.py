@@ -33,7 +33,7 @@ from r1.data import encode_prompts, load_rows, render, smoke_rl_rows
 from r1.logprobs import token_logprobs
 from r1.model.hc import hc_metrics
 from r1.model.model import SharedPrefix, V3ForCausalLM, expert_load_metrics, update_router_biases
-from r1.optim import OPTIMIZERS
+from r1.optim import OPTIMIZERS, clip_grad_norm_
 from r1.parallel import Dist
 from r1.policy import engine_weights, export, load_policy
 from r1.runs import JsonlLogger, check_compute, prepare_model
@@ -459,7 +459,7 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * w
         dist.average_grads(policy)
-        grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        grad_norm = clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)  # (FSDP2: shard by shard)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
