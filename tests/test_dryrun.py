@@ -132,3 +132,32 @@ def test_update_step_host_syncs_do_not_grow() -> None:
     sites = update_step_syncs(micro_batches=2)
     print("\n".join(sites))
     assert len(sites) <= 2 * UPDATE_SYNCS_PER_MICRO_BATCH + UPDATE_SYNCS_PER_UPDATE, sites
+
+
+# every FP8 GEMM's contraction dim a multiple of 128, as cuBLAS's blockwise FP8 (F.scaled_mm) requires
+C128 = PRESETS["tiny"].replace(hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
+                               num_attention_heads=2, kv_lora_rank=128, q_lora_rank=None, qk_nope_head_dim=64,
+                               qk_rope_head_dim=64, v_head_dim=128, num_hidden_layers=2, n_routed_experts=4,
+                               n_group=1, topk_group=1, num_nextn_predict_layers=0)
+
+
+def test_fp8_scaled_mm_path_passes_torchs_checks() -> None:
+    """The Hopper path (r1.fp8's `scaled_mm` backend: F.scaled_mm with 1x128 and 128x128 block scales, the routed
+    experts' per-expert loop), which no CI machine runs: torch's checks of its operands' and scales' shapes, strides
+    and dtypes pass in a GRPO micro-batch's forward on fake CUDA and its backward on fake CPU."""
+    from r1.fp8 import Fp8Config, convert_to_fp8
+
+    fake_cuda()
+    for device in ("cuda", "cpu"):
+        with FakeTensorMode(), HostSyncs() as hs:
+            model = fake_model(C128, device, torch.bfloat16).train()
+            convert_to_fp8(model, Fp8Config(block=128, backend="scaled_mm"))
+            with even_expert_splits(model, hs):
+                if device == "cuda":
+                    cfg = trainer.TrainConfig(precision="fp8", micro_batch=2, max_tokens=64)
+                    loss, _ = trainer.micro_batch_loss(model, cfg, update_batch(C128, 2, 64, 64, device), None,
+                                                       False, 0)
+                    assert loss.device.type == "cuda"
+                else:
+                    grpo_micro_batch(model, update_batch(C128, 2, 64, 64, device), "fp8")
+                    assert all(p.grad is not None for n, p in model.named_parameters() if "experts." in n)
