@@ -50,7 +50,8 @@ def prepare_model(model: nn.Module, dist: Dist, precision: str, fp8_block: int, 
     model = apply_precision(model, precision, fp8_block)
     apply_activation_checkpointing(model, gradient_checkpointing)
     # (a model already on the device is not moved: under FakeTensorMode, r1.simulate, a move swaps every tensor)
-    if not any(p.is_meta or p.device == dist.device for p in model.parameters()):
+    params = list(model.parameters())
+    if not any(p.is_meta for p in params) and any(p.device != dist.device for p in params):
         model = model.to(dist.device)
     return dist.wrap(model.train(), precision)
 

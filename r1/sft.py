@@ -25,7 +25,7 @@ from r1.cpu import accelerate
 from r1.data import encode_prompts, load_rows, render, smoke_splits
 from r1.logprobs import lm_loss
 from r1.model.model import V3ForCausalLM, update_router_biases
-from r1.optim import OPTIMIZERS
+from r1.optim import OPTIMIZERS, clip_grad_norm_
 from r1.parallel import Dist
 from r1.policy import build_model, export
 from r1.runs import JsonlLogger, check_compute, prepare_model
@@ -146,7 +146,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
             loss, metrics = batch_loss(model, ids, attn, lmask, mtp_w)
             loss.backward()
         dist.average_grads(model)
-        metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        metrics["grad_norm"] = float(clip_grad_norm_(model.parameters(), cfg.max_grad_norm))  # (FSDP2: by shard)
         opt.step()
         sched.step()
         update_router_biases(model)  # counts all-reduced across ranks inside
