@@ -332,8 +332,8 @@ def _update_global_peak(tracker: Any, peak_state: Any = None) -> None:
             tracker._peak_mem_snap[dev] = dict(snap)
 
 
-def tracked_update(model: nn.Module, c: V3Config, spec: PlanSpec, sharded: bool, prompt: int | None = None
-                   ) -> tuple[dict[str, float], float]:
+def tracked_update(model: nn.Module, c: V3Config, spec: PlanSpec, sharded: bool, prompt: int | None = None,
+                   flops: bool = True) -> tuple[dict[str, float], float]:
     """One GRPO update micro-batch of spec.micro_batch_tokens tokens (one sequence: a prompt of `prompt` tokens,
     default T/8 up to 256, and its completion) and the optimizer step after it, on a model made ready by
     r1.runs.prepare_model, with the gradients of an earlier micro-batch and AdamW's state held throughout (as
@@ -355,16 +355,18 @@ def tracked_update(model: nn.Module, c: V3Config, spec: PlanSpec, sharded: bool,
     tracker._update_peak_stats = functools.partial(_update_global_peak, tracker)  # type: ignore[method-assign]
     # r1.compute.compute_context without the CPU's bf16 GEMM emulation: a GPU's GEMMs take bf16 natively
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=spec.precision != "fp32" and not sharded)
-    with tracker, flop_counter() as fc:
+    counter = flop_counter() if flops else contextlib.nullcontext()  # (a dispatch layer more: off when not asked)
+    with tracker, counter:
         with autocast:
             grpo_micro_batch(model, batch, spec.precision)
         optimizer_step(model, opt)
     peak = {getattr(k, "value", str(k)): float(v)
             for k, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
-    return peak, float(fc.get_total_flops())
+    return peak, float(counter.get_total_flops()) if flops else float("nan")
 
 
-def simulate(c: V3Config, spec: PlanSpec, fp8_block: int = 128, prompt: int | None = None) -> Simulation:
+def simulate(c: V3Config, spec: PlanSpec, fp8_block: int = 128, prompt: int | None = None,
+             flops: bool = True) -> Simulation:
     """tracked_update on fake tensors, on rank 0 of spec.gpus fake ranks, the model prepared as `r1 train` prepares
     it (precision, gradient checkpointing, FSDP2 when gpus > 1)."""
     from r1.runs import prepare_model
@@ -378,8 +380,8 @@ def simulate(c: V3Config, spec: PlanSpec, fp8_block: int = 128, prompt: int | No
         dist = _dist(spec.gpus)
         model = prepare_model(V3ForCausalLM(c), dist, spec.precision, fp8_block, spec.gradient_checkpointing)
         stack.enter_context(even_expert_splits(model, syncs))
-        peak, flops = tracked_update(model, c, spec, dist.fsdp, prompt)
-    return Simulation(spec, peak, flops, spec.micro_batch_tokens, time.perf_counter() - t0, list(syncs.sites))
+        peak, counted = tracked_update(model, c, spec, dist.fsdp, prompt, flops)
+    return Simulation(spec, peak, counted, spec.micro_batch_tokens, time.perf_counter() - t0, list(syncs.sites))
 
 
 def analytic_flops(c: V3Config, tokens: int) -> float:

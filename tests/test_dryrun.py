@@ -35,7 +35,9 @@ from r1.simulate import (
 from rollouts.base import Rollout
 from rollouts.torch_engine import V3Stepper
 
-C = PRESETS["smoke"]  # 3 layers (1 dense, 2 MoE: 8 routed experts top-2 + 1 shared), MLA, MTP depth 1
+# the smoke model with 4 routed experts (fp8 loops over them on fake tensors): 3 layers (1 dense, 2 MoE, top-2 + 1
+# shared), MLA, MTP depth 1
+C = PRESETS["smoke"].replace(n_routed_experts=4)
 BLOCK = 32  # the FP8 tile edge its contraction dims allow (kv_lora_rank 32)
 
 

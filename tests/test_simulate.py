@@ -39,7 +39,7 @@ dist = Dist()
 torch.manual_seed(0)
 spec = PlanSpec(gpus=dist.world, precision="bf16", micro_batch_tokens=T)
 model = prepare_model(V3ForCausalLM(C), dist, spec.precision, 128, spec.gradient_checkpointing)
-peak, flops = tracked_update(model, C, spec, dist.fsdp)
+peak, _ = tracked_update(model, C, spec, dist.fsdp, flops=False)
 if dist.main:
     print("PEAK " + json.dumps(peak))
 torch.distributed.destroy_process_group()
@@ -50,7 +50,7 @@ def test_simulated_peak_matches_two_gloo_processes(tmp_path: Path) -> None:
     """The same GRPO micro-batch + AdamW step, FSDP2 over 2 ranks, bf16: fake tensors in one process against real
     ones in two gloo processes; rank 0's peak by kind, FSDPMemTracker in both."""
     t = time.perf_counter()
-    sim = simulate(C, PlanSpec(gpus=2, precision="bf16", micro_batch_tokens=T))
+    sim = simulate(C, PlanSpec(gpus=2, precision="bf16", micro_batch_tokens=T), flops=False)
     t_sim = time.perf_counter() - t
     r = torchrun(GLOO_STEP, tmp_path, nproc=2, fsdp=True)
     real = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("PEAK "))[5:])
@@ -75,12 +75,11 @@ SHAPES: dict[str, V3Config] = {
 
 
 @pytest.mark.parametrize(("shape", "gpus", "precision", "checkpointing"),
-                         [("moe", 4, "bf16", "none"), ("dense", 2, "bf16", "full"), ("mla", 2, "fp8", "none"),
-                          ("mla", 1, "bf16", "none")])
+                         [("moe", 4, "bf16", "none"), ("dense", 2, "bf16", "full"), ("mla", 1, "bf16", "none")])
 def test_plan_within_20_percent_of_simulation(shape: str, gpus: int, precision: str, checkpointing: str) -> None:
     spec = PlanSpec(gpus=gpus, precision=precision, micro_batch_tokens=T,  # type: ignore[arg-type]
                     gradient_checkpointing=checkpointing)  # type: ignore[arg-type]
-    sim = simulate(SHAPES[shape], spec, fp8_block=32)
+    sim = simulate(SHAPES[shape], spec, flops=False)
     p = plan(SHAPES[shape], spec)
     report = f"{shape} {spec}: plan {p.total / 2**20:.2f} MiB, simulated {sim.total / 2**20:.2f} MiB\n{sim.table(p)}"
     print(report)
