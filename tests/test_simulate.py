@@ -113,3 +113,14 @@ def test_clip_grad_norm_equals_torch_on_whole_gradients() -> None:
     mine, theirs = clip_grad_norm_(a, 1.0), torch.nn.utils.clip_grad_norm_(b, 1.0)
     assert torch.equal(mine, theirs) and mine > 1
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(a, b, strict=True))
+
+
+def test_cli_simulate_prints_the_simulation_beside_the_plan(capsys: pytest.CaptureFixture) -> None:
+    from r1.cli import main
+
+    assert main(["model", "tiny", "--plan", "gpus=2", "precision=bf16", "micro_batch_tokens=64", "--simulate"]) == 0
+    out = capsys.readouterr().out
+    assert "simulated (fake tensors" in out and "host syncs 0" in out, out
+    assert any(x.split()[:1] == ["total"] and len(x.split()) == 3 for x in out.splitlines()), out  # sim, plan
+    assert main(["model", "tiny", "--simulate"]) == 2
+    assert "--simulate needs --plan" in capsys.readouterr().err
