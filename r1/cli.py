@@ -16,6 +16,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     from r1.plan import PlanSpec, plan
 
     spec = load_settings(PlanSpec, None, args.plan) if args.plan is not None else None  # bad keys: before any work
+    if args.simulate and spec is None:
+        raise ValueError("--simulate needs --plan (gpus=N precision=P ...)")
     c = load_config(args.config)
     s = count_params(c, seq_len=args.seq_len)
     print(f"{args.config}: {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense), hidden {c.hidden_size}, "
@@ -32,6 +34,15 @@ def cmd_model(args: argparse.Namespace) -> int:
     print(f"memory per GPU: FSDP2 over {spec.gpus} GPU(s), {spec.precision}, {spec.micro_batch_tokens} tokens per "
           f"micro-batch, gradient checkpointing {spec.gradient_checkpointing}, {spec.optim}")
     print(p.table())
+    if args.simulate:
+        from r1.simulate import simulate
+
+        sim = simulate(c, spec)
+        print(f"simulated (fake tensors, one GRPO update micro-batch + AdamW step, rank 0 of {spec.gpus}; "
+              f"{sim.seconds:.0f} s): peak by kind beside the plan's, GiB per GPU")
+        print(sim.table(p))
+        print(f"  step FLOPs counted {sim.flops:.3g} ({sim.flops / sim.tokens:.3g} per token); host syncs "
+              f"{len(sim.syncs)}")
     if not p.fits:
         print(f"r1 model: error: {p.verdict()}", file=sys.stderr)
         return 1
@@ -132,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-GPU training memory under FSDP2: gpus=N precision=fp32|bf16|fp8 micro_batch_tokens=T "
                         "[gradient_checkpointing=none|full|moe] [gpu=h100|h200] [optim=adamw_torch_fused|adamw_bf16] "
                         "[mtp=false|true] [expert_parallel=N]; exits 1 when it does not fit")
+    m.add_argument("--simulate", action="store_true",
+                   help="with --plan: also run one GRPO update step of the real code on fake tensors (no weights) "
+                        "over a fake world of N ranks under FSDP2, and print rank 0's measured peak beside the plan")
     m.set_defaults(func=cmd_model)
 
     from r1.eval import add_eval_args, cmd_eval

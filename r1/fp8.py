@@ -190,7 +190,8 @@ BACKENDS: dict[str, Gemm] = {"emulated": gemm_emulated, "emulated_exact": gemm_e
 def _scaled_mm_works(device: torch.device) -> bool:
     """Hopper (sm90; cuBLASLt's blockwise path is sm90-only), a torch with F.scaled_mm, and one real call of
     each of the three recipes checked against the emulation (catches unsupported layouts or dtypes)."""
-    if device.type != "cuda" or not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(F, "scaled_mm") \
+            or torch.cuda.get_device_capability(device)[0] != 9:  # (fake CUDA tensors in a CPU-only torch: no)
         return False
     try:
         g = torch.Generator(device=device).manual_seed(0)
@@ -503,8 +504,9 @@ class Fp8GroupedExperts(GroupedExperts):
         return m
 
     def _mm(self, x_NX: Tensor, name: str, splits: list[int]) -> Tensor:
+        # a CPU's torch._grouped_mm takes the fp32 operands; CUDA's takes bf16 only (tests/test_dryrun.py): a loop there
         return _fp8_mm(x_NX, getattr(self, name), self._caches[name], splits, self.cfg,
-                       self.grouped and hasattr(torch, "_grouped_mm"))
+                       self.grouped and hasattr(torch, "_grouped_mm") and x_NX.device.type == "cpu")
 
     def forward(self, x_NsD: Tensor, counts_E: Tensor) -> Tensor:
         splits = counts_E.tolist()  # one host sync per layer, as the non-grouped fallback

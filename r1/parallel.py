@@ -95,14 +95,16 @@ class Dist:
                         strict=True):
             p.grad = g.view_as(p)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        """The gradients' global L2 norm, and every gradient scaled to at most max_norm (torch's clip_grad_norm_; with
-        expert parallelism r1.expert_parallel's, which sums shards of two meshes)."""
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
+        """The gradients' global L2 norm (a tensor: no host sync), and every gradient scaled to at most max_norm, shard
+        by shard (r1.optim.clip_grad_norm_; with expert parallelism r1.expert_parallel's, which sums two meshes)."""
         if self.mesh is None:
-            return float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        from r1.expert_parallel import clip_grad_norm_
+            from r1.optim import clip_grad_norm_
 
-        return float(clip_grad_norm_(model, max_norm, self.mesh))
+            return clip_grad_norm_(model.parameters(), max_norm)
+        from r1.expert_parallel import clip_grad_norm_ as clip_two_meshes
+
+        return clip_two_meshes(model, max_norm, self.mesh)
 
     def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world == 1:

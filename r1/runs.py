@@ -58,7 +58,9 @@ def prepare_model(model: nn.Module, dist: Dist, precision: str, fp8_block: int, 
         model = speed_layer(model, dist.device)
     model = apply_precision(model, precision, fp8_block)
     apply_activation_checkpointing(model, gradient_checkpointing)
-    if not any(p.is_meta for p in model.parameters()):
+    # (a model already on the device is not moved: under FakeTensorMode, r1.simulate, a move swaps every tensor)
+    params = list(model.parameters())
+    if not any(p.is_meta for p in params) and any(p.device != dist.device for p in params):
         model = model.to(dist.device)
     return dist.wrap(model.train(), precision)
 

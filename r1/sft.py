@@ -147,7 +147,7 @@ def sft(cfg: SftConfig) -> dict[str, float]:
             loss, metrics = batch_loss(model, ids, attn, lmask, mtp_w)
             loss.backward()
         dist.average_grads(model)
-        metrics["grad_norm"] = dist.clip_grad_norm(model, cfg.max_grad_norm)
+        metrics["grad_norm"] = float(dist.clip_grad_norm(model, cfg.max_grad_norm))  # (FSDP2: by shard)
         opt.step()
         sched.step()
         update_router_biases(model)  # counts all-reduced across ranks inside

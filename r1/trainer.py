@@ -527,24 +527,26 @@ def update(run: Run, c: Collected, adv: Tensor, sizes: Sizes) -> dict[str, float
                                      functools.partial(ctx, replay=False))) if run.ref is not None else None
     batch = UpdateBatch(ids, attn, cmask, elogp, adv, old, ref_lp, P, num_seq, num_tok)
     step_fn = functools.partial(micro_batch_loss, policy, cfg, batch, dist, share)
-    sums: dict[str, float] = {}
-    metrics: dict[str, float] = {}
+    # the metrics stay on the device until the update ends: each .item() / float() in the loop would be a host sync
+    sums: dict[str, Tensor] = {}
     for _ in range(cfg.mu):
         run.opt.zero_grad(set_to_none=True)
         for i, m in enumerate(micro_batches(step_fn, n_mb, run.params, run.workers, ctx)):
-            w = cmask[i * mb:(i + 1) * mb].sum().item() / max(1, n_tok_local)
+            w = cmask[i * mb:(i + 1) * mb].sum() / max(1, n_tok_local)
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * w
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * w
         dist.average_grads(policy)
-        metrics["grad_norm"] = dist.clip_grad_norm(policy, cfg.max_grad_norm)
+        grad_norm = dist.clip_grad_norm(policy, cfg.max_grad_norm)  # (FSDP2: shard by shard)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout, not after it
+    means = (torch.stack(list(sums.values())) / cfg.mu).tolist() if sums else []
+    out = {"grad_norm": float(grad_norm), **dict(zip(sums, means, strict=True))}
     if replays:
         same_total = dist.all_reduce(torch.tensor([sum(t) for t in zip(*(r.tally() for r in replays), strict=True)],
                                                   device=dist.device))
-        metrics["moe/routing_agreement"] = float(same_total[0] / same_total[1].clamp(min=1))
-    return {**metrics, **{k: v / cfg.mu for k, v in sums.items()}}
+        out["moe/routing_agreement"] = float(same_total[0] / same_total[1].clamp(min=1))
+    return out
 
 
 def routing_replays(policy: nn.Module, seqs: list[tuple[list[int], Any]], P: int, C: int,

@@ -183,7 +183,8 @@ class SharedPrefix:
         """The prompts' forward: each prompt's tokens weigh as many rows as share it."""
         if valid_BT.shape[0] == self.rows.shape[0]:
             return valid_BT
-        return valid_BT * torch.bincount(self.rows, minlength=valid_BT.shape[0]).to(valid_BT.dtype)[:, None]
+        shares_U = valid_BT.new_zeros(valid_BT.shape[0]).index_add_(0, self.rows, valid_BT.new_ones(len(self.rows)))
+        return valid_BT * shares_U[:, None]  # (counted by index_add_, not bincount: no host sync)
 
     def advance(self) -> None:
         if not self.length:
@@ -352,7 +353,9 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x_NX.device.type):
             dt = torch.get_autocast_dtype(x_NX.device.type)
             x_NX, w_EYX = x_NX.to(dt), w_EYX.to(dt)
-        if hasattr(torch, "_grouped_mm") and x_NX.dtype in (torch.float32, torch.bfloat16) and x_NX.shape[0]:
+        # (fp32 only on a CPU: CUDA's grouped GEMM takes bf16, as the fake-CUDA dry run shows, tests/test_dryrun.py)
+        if hasattr(torch, "_grouped_mm") and x_NX.shape[0] and \
+                (x_NX.dtype == torch.bfloat16 or x_NX.dtype == torch.float32 and x_NX.device.type == "cpu"):
             offs = counts_E.cumsum(0).to(torch.int32) if offs_E is None else offs_E
             return torch._grouped_mm(x_NX, w_EYX.transpose(-2, -1), offs=offs)
         # Fallback: one matmul per expert on its contiguous slice (never per token).
@@ -399,7 +402,9 @@ class MoE(nn.Module):
         flat_idx = idx_NK.flatten()
         order = flat_idx.argsort(stable=True)
         token_of = order // K
-        y_sorted = self.experts(x_ND.index_select(0, token_of), torch.bincount(flat_idx, minlength=E))
+        # counted by a scatter, not torch.bincount: its output length depends on the data (a host sync on a GPU)
+        counts_E = flat_idx.new_zeros(E).scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+        y_sorted = self.experts(x_ND.index_select(0, token_of), counts_E)
         y_sorted = y_sorted * w_NK.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
         # the routed outputs are summed into the shared experts' output (no zero tensor, no extra add)
         y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
@@ -409,8 +414,9 @@ class MoE(nn.Module):
     def count_tokens(self, idx_NK: Tensor, valid_BT: Tensor | None) -> None:
         """Add this batch's tokens per expert to tokens_per_expert; padding does not count (`valid`: see forward)."""
         K = idx_NK.shape[1]
-        v = valid_BT.reshape(-1, 1).expand(-1, K).flatten().float() if valid_BT is not None else None
-        self.tokens_per_expert += torch.bincount(idx_NK.flatten(), weights=v, minlength=self.c.n_routed_experts)
+        v = valid_BT.reshape(-1, 1).expand(-1, K).flatten().float() if valid_BT is not None else \
+            self.tokens_per_expert.new_ones(idx_NK.numel())
+        self.tokens_per_expert.index_add_(0, idx_NK.flatten(), v)  # (no bincount: no host sync)
 
     def seq_aux_loss(self, scores_BTE: Tensor, idx_BTK: Tensor, valid_BT: Tensor | None) -> Tensor:
         """V3's sequence-wise balance loss: alpha * sum_i f_i P_i per sequence, averaged over sequences,
@@ -523,6 +529,8 @@ class V3ForCausalLM(nn.Module):
         positions that restart at 0 start a new document that does not see the previous ones."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        # documents restart only where given positions do: default ones need no look at the data (a host sync)
+        packed = attention_mask is None and position_ids is not None
         if position_ids is None:
             if attention_mask is not None and T == 1:  # decoding: the last column of the cumsum below
                 position_ids = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)
@@ -532,7 +540,7 @@ class V3ForCausalLM(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         if cache is None:
-            mask = build_mask(attention_mask, position_ids, T, past, packed=attention_mask is None)
+            mask = build_mask(attention_mask, position_ids, T, past, packed=packed)
         else:  # the latent attention adds its mask to the scores, built once for all layers
             mask = additive_mask(attention_mask, position_ids, T, past, x.dtype)
         rope = self.rope(position_ids)
