@@ -64,6 +64,7 @@ class TrainConfig:
     vllm_dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     vllm_enforce_eager: bool = False  # no CUDA graphs / torch.compile (faster start, slower decode)
     vllm_enable_sleep_mode: bool = True  # colocated: free weights and KV cache during the update (CUDA/ROCm/XPU only)
+    vllm_enable_expert_parallel: bool = False  # colocated: vLLM's own expert parallelism over its tensor-parallel ranks
     vllm_server_url: str = "http://localhost:8000"
     vllm_transport: str = "auto"  # server weight sync: nccl | files | auto (nccl where the trainer has CUDA)
     vllm_sync_dir: str = "/dev/shm"  # files transport: safetensors shards the server reads (shared memory or disk)

@@ -152,7 +152,8 @@ def check_rope_layout(model: str | nn.Module) -> None:
 def check_options(model: str, mode: str = "colocate", gpu_memory_utilization: float = 0.3,
                   tensor_parallel_size: int = 1, max_model_len: int | None = None, dtype: str = "auto",
                   enforce_eager: bool = False, enable_sleep_mode: bool = True, server_url: str = "",
-                  transport: str = "auto", sync_dir: str = "/dev/shm", bucket_mb: int = 1024) -> None:
+                  transport: str = "auto", sync_dir: str = "/dev/shm", bucket_mb: int = 1024,
+                  enable_expert_parallel: bool = False) -> None:
     """A recipe's vLLM keys, before anything loads: one line naming the first bad one. Also vllm itself (installed,
     new enough), the model (something vLLM serves) and, in server mode, the server (it answers)."""
     choices = {"vllm_mode": (mode, MODES), "vllm_dtype": (dtype, DTYPES), "vllm_transport": (transport, TRANSPORTS)}
@@ -184,6 +185,7 @@ def engine_kwargs(opts: dict[str, Any], model: nn.Module, tokenizer: Any, rank: 
                         gpu_memory_utilization=opts["gpu_memory_utilization"], max_model_len=opts["max_model_len"],
                         dtype=opts["dtype"], enforce_eager=opts["enforce_eager"],
                         enable_sleep_mode=opts["enable_sleep_mode"], world=world,
+                        enable_expert_parallel=opts["enable_expert_parallel"],
                         seed=rank // opts["tensor_parallel_size"])  # a tensor-parallel group samples as one engine
 
 

@@ -327,6 +327,20 @@ def test_bad_vllm_input_is_one_line(tmp_path, capsys):
     check_version("0.32.0+cpu")
 
 
+def test_every_vllm_key_reaches_the_engine():
+    """Each recipe key vllm_X is an argument of check_options and of the engine (vLLM's own expert parallelism
+    among them), so a key added to TrainConfig cannot be silently dropped."""
+    import inspect
+
+    from r1.trainer import TrainConfig, vllm_options
+    from rollouts.vllm_engine import check_options, engine_kwargs
+
+    opts = vllm_options(TrainConfig(vllm_enable_expert_parallel=True))
+    assert set(opts) <= set(inspect.signature(check_options).parameters)
+    name, kw = engine_kwargs(opts, model=None, tokenizer=None)
+    assert name == "vllm" and kw["enable_expert_parallel"] is True
+
+
 @vllm_test
 def test_bad_vllm_input_with_vllm_is_one_line(v3_dir, tmp_path, capsys, monkeypatch):
     """The installed vLLM too old, a server that does not answer, options vLLM itself rejects."""
