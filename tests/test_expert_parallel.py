@@ -100,7 +100,7 @@ for precision in ("bf16", "fp8"):
             loss = (h.float() @ mm.lm_head.weight.float().T).logsumexp(-1).mean()
             loss.backward()
         dd.average_grads(mm)
-        got.append((loss.item(), dd.clip_grad_norm(mm, 1e9)))
+        got.append((loss.item(), float(dd.clip_grad_norm(mm, 1e9))))
     (l1, n1), (l2, n2) = got
     assert abs(l1 - l2) <= 1e-5 * abs(l1) and abs(n1 - n2) <= 1e-5 * n1, (precision, got)
     sys.stdout.write(json.dumps({"rank": d.rank, precision: got}) + "\\n")
