@@ -62,9 +62,14 @@ def test_a_real_ctrl_c_of_the_trainer_still_stops_it():
         signal.raise_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
         return [1.0] * len(completions)
 
-    with pytest.raises(KeyboardInterrupt):
-        RewardSet([("slow", 1.0, interrupted)])(["a"], [{}])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # left as it was
+    # a trainer process has Python's default handler; in the full suite an earlier test can leave another one
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            RewardSet([("slow", 1.0, interrupted)])(["a"], [{}])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # left as it was
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_program_cannot_shadow_a_builtin_the_tests_call():
